@@ -1,0 +1,671 @@
+//! One NBD connection in the transmission phase. A writer task sends request headers and
+//! payloads in submission order; a reader task parses replies, matches them to requests by
+//! cookie, reassembles structured reads straight into the request's buffer, and completes each
+//! request through a oneshot channel. Any protocol violation, socket error or stall fails every
+//! request in flight with the same error and closes the connection: a misbehaving server gets an
+//! error, never a hang or a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use super::{BoxStream, ConnectOptions, Negotiated};
+use crate::error::{Error, Result};
+use crate::proto::consts::*;
+use crate::proto::{
+    Chunk, Descriptor, HeaderMode, MAX_METADATA_CHUNK_LEN, OFFSET_DATA_HEADER_LEN, ReplyHeader,
+    Request,
+};
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Done,
+    Data(Bytes),
+    /// Block status: descriptors per meta context id, in the order the server sent them.
+    Status(Vec<(u32, Vec<Descriptor>)>),
+}
+
+struct Pending {
+    command: u16,
+    offset: u64,
+    length: u64,
+    /// READ only: the destination buffer, zero-filled so holes need no work.
+    data: Option<Vec<u8>>,
+    /// READ only: ranges already filled (start → end), to reject overlaps.
+    filled: BTreeMap<u64, u64>,
+    filled_bytes: u64,
+    status: Vec<(u32, Vec<Descriptor>)>,
+    error: Option<Error>,
+    done: oneshot::Sender<Result<Reply>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn command_error(&self, errno: u32, message: String, error_offset: Option<u64>) -> Error {
+        Error::Command {
+            command: self.command,
+            offset: self.offset,
+            length: self.length,
+            errno,
+            message,
+            error_offset,
+        }
+    }
+
+    /// Records that [start, start+len) of a READ arrived, checking bounds and overlaps.
+    fn fill(&mut self, start: u64, len: u64) -> Result<()> {
+        let end = start.checked_add(len).ok_or_else(|| {
+            Error::Protocol(format!("read chunk at {start} length {len} overflows"))
+        })?;
+        if start < self.offset || end > self.offset + self.length {
+            return Err(Error::Protocol(format!(
+                "read chunk [{start}, {end}) lies outside the request [{}, {})",
+                self.offset,
+                self.offset + self.length
+            )));
+        }
+        let overlaps_before = self
+            .filled
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, e)| *e > start);
+        let overlaps_after = self.filled.range(start..end).next().is_some();
+        if overlaps_before || overlaps_after {
+            return Err(Error::Protocol(format!(
+                "read chunk [{start}, {end}) overlaps data already received"
+            )));
+        }
+        self.filled.insert(start, end);
+        self.filled_bytes += len;
+        Ok(())
+    }
+
+    fn finish(mut self) {
+        let result = if let Some(e) = self.error.take() {
+            Err(e)
+        } else {
+            match self.command {
+                CMD_READ if self.filled_bytes != self.length => Err(Error::Protocol(format!(
+                    "read at offset {} length {} completed with only {} bytes",
+                    self.offset, self.length, self.filled_bytes
+                ))),
+                CMD_READ => Ok(Reply::Data(Bytes::from(
+                    self.data.take().unwrap_or_default(),
+                ))),
+                CMD_BLOCK_STATUS if self.status.is_empty() => Err(Error::Protocol(format!(
+                    "block status at offset {} completed without a status chunk",
+                    self.offset
+                ))),
+                CMD_BLOCK_STATUS => Ok(Reply::Status(std::mem::take(&mut self.status))),
+                _ => Ok(Reply::Done),
+            }
+        };
+        let _ = self.done.send(result);
+    }
+}
+
+struct State {
+    pending: HashMap<u64, Pending>,
+    /// Set once the connection is dead; every later request fails with it.
+    failed: Option<Error>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    next_cookie: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere must not wedge every other request: the state stays consistent
+        // because each critical section is a single insert/remove.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, cookie: u64) -> Result<Pending> {
+        self.lock()
+            .pending
+            .remove(&cookie)
+            .ok_or_else(|| Error::Protocol(format!("reply for unknown cookie {cookie:#x}")))
+    }
+
+    fn put_back(&self, cookie: u64, pending: Pending) {
+        self.lock().pending.insert(cookie, pending);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Marks the connection dead and fails every request in flight.
+    fn fail_all(&self, err: Error) {
+        let drained: Vec<Pending> = {
+            let mut state = self.lock();
+            if state.failed.is_none() {
+                state.failed = Some(err.clone());
+            }
+            state.pending.drain().map(|(_, p)| p).collect()
+        };
+        for p in drained {
+            let _ = p.done.send(Err(err.clone()));
+        }
+    }
+}
+
+enum Outgoing {
+    Request {
+        header: [u8; EXTENDED_REQUEST_LEN],
+        header_len: usize,
+        payload: Option<Bytes>,
+    },
+    Disconnect,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    slots: Arc<Semaphore>,
+    info: Negotiated,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A soft disconnect: the server finishes what is in flight, then closes.
+        let _ = self.outgoing.send(Outgoing::Disconnect);
+    }
+}
+
+/// A connected export. Cheap to clone; all clones share the socket. Dropping the last clone
+/// sends NBD_CMD_DISC.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+/// A request that was sent; await [`PendingReply::wait`] for its outcome. Dropping it does not
+/// cancel the request, it only discards the reply.
+pub struct PendingReply {
+    rx: oneshot::Receiver<Result<Reply>>,
+    shared: Arc<Shared>,
+}
+
+impl PendingReply {
+    pub async fn wait(self) -> Result<Reply> {
+        match self.rx.await {
+            Ok(result) => result,
+            Err(_) => Err(self
+                .shared
+                .lock()
+                .failed
+                .clone()
+                .unwrap_or_else(|| Error::Closed("the reply was lost".into()))),
+        }
+    }
+}
+
+/// Flags for [`Connection::write_zeroes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Keep the range allocated (NBD_CMD_FLAG_NO_HOLE).
+    pub no_hole: bool,
+    /// Fail with ENOTSUP unless zeroing is fast (NBD_CMD_FLAG_FAST_ZERO).
+    pub fast: bool,
+    pub fua: bool,
+}
+
+impl Connection {
+    pub(crate) fn start(stream: BoxStream, info: Negotiated, opts: &ConnectOptions) -> Self {
+        let (rd, wr) = tokio::io::split(stream);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                failed: None,
+            }),
+            next_cookie: AtomicU64::new(1),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = Reader {
+            rd: BufReader::with_capacity(64 * 1024, rd),
+            shared: shared.clone(),
+            mode: info.mode,
+            timeout: opts.timeout,
+            context_ids: info.contexts.iter().map(|(_, id)| *id).collect(),
+        };
+        tokio::spawn(reader.run());
+        tokio::spawn(write_loop(
+            BufWriter::with_capacity(64 * 1024, wr),
+            rx,
+            shared.clone(),
+            info.mode,
+            opts.timeout,
+        ));
+        Connection {
+            inner: Arc::new(Inner {
+                shared,
+                outgoing: tx,
+                slots: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
+                info,
+            }),
+        }
+    }
+
+    /// What the handshake negotiated.
+    pub fn info(&self) -> &Negotiated {
+        &self.inner.info
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.info.size
+    }
+
+    /// Requests currently awaiting replies.
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.in_flight()
+    }
+
+    /// Sends one request as is (no splitting, no capability checks) and returns its pending
+    /// reply. Waits for a free slot when the in-flight cap is reached.
+    pub async fn submit(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<Bytes>,
+    ) -> Result<PendingReply> {
+        let inner = &self.inner;
+        let slot = inner
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed("connection shut down".into()))?;
+        let mode = inner.info.mode;
+        if mode != HeaderMode::Extended && length > u64::from(u32::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "{} length {length} does not fit a compact request",
+                command_name(command)
+            )));
+        }
+        let cookie = inner.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let data = (command == CMD_READ).then(|| vec![0u8; length as usize]);
+        let pending = Pending {
+            command,
+            offset,
+            length,
+            data,
+            filled: BTreeMap::new(),
+            filled_bytes: 0,
+            status: Vec::new(),
+            error: None,
+            done: tx,
+            _slot: slot,
+        };
+        {
+            let mut state = inner.shared.lock();
+            if let Some(err) = &state.failed {
+                return Err(err.clone());
+            }
+            state.pending.insert(cookie, pending);
+        }
+        let request = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let mut header = Vec::with_capacity(EXTENDED_REQUEST_LEN);
+        request.encode(mode, &mut header);
+        let mut buf = [0u8; EXTENDED_REQUEST_LEN];
+        buf[..header.len()].copy_from_slice(&header);
+        let msg = Outgoing::Request {
+            header: buf,
+            header_len: header.len(),
+            payload,
+        };
+        if inner.outgoing.send(msg).is_err() {
+            inner
+                .shared
+                .fail_all(Error::Closed("the connection's writer stopped".into()));
+        }
+        Ok(PendingReply {
+            rx,
+            shared: inner.shared.clone(),
+        })
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<Bytes>,
+    ) -> Result<Reply> {
+        self.submit(command, flags, offset, length, payload)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Soft disconnect: waits for requests in flight, then sends NBD_CMD_DISC.
+    pub async fn disconnect(&self) {
+        let all = self.inner.slots.available_permits();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.inner.slots.acquire_many(all.max(1) as u32),
+        )
+        .await;
+        let _ = self.inner.outgoing.send(Outgoing::Disconnect);
+        self.inner.slots.close();
+    }
+}
+
+/// Writes requests in order; flushes whenever the queue runs dry so headers are batched.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: Arc<Shared>,
+    mode: HeaderMode,
+    timeout: Duration,
+) {
+    let result: std::io::Result<()> = async {
+        while let Some(msg) = rx.recv().await {
+            let done = match msg {
+                Outgoing::Request {
+                    header,
+                    header_len,
+                    payload,
+                } => {
+                    io_timeout(timeout, wr.write_all(&header[..header_len])).await?;
+                    if let Some(payload) = payload {
+                        io_timeout(timeout, wr.write_all(&payload)).await?;
+                    }
+                    false
+                }
+                Outgoing::Disconnect => {
+                    let request = Request {
+                        flags: 0,
+                        command: CMD_DISC,
+                        cookie: 0,
+                        offset: 0,
+                        length: 0,
+                    };
+                    let mut header = Vec::new();
+                    request.encode(mode, &mut header);
+                    io_timeout(timeout, wr.write_all(&header)).await?;
+                    true
+                }
+            };
+            if done || rx.is_empty() {
+                io_timeout(timeout, wr.flush()).await?;
+            }
+            if done {
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        shared.fail_all(if e.kind() == std::io::ErrorKind::TimedOut {
+            Error::Timeout("the server stopped accepting requests".into())
+        } else {
+            Error::io("sending a request", e)
+        });
+    }
+}
+
+async fn io_timeout<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Parses replies and completes requests.
+struct Reader<R> {
+    rd: BufReader<R>,
+    shared: Arc<Shared>,
+    mode: HeaderMode,
+    timeout: Duration,
+    context_ids: Vec<u32>,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    async fn run(mut self) {
+        let err = match self.read_replies().await {
+            Ok(()) => Error::Closed("the server closed the connection".into()),
+            Err(e) => e,
+        };
+        if self.shared.in_flight() > 0 {
+            tracing::debug!("NBD connection failed: {err}");
+        }
+        self.shared.fail_all(err);
+    }
+
+    /// Fills `buf` completely. While `idle_ok` and nothing is in flight, silence is fine; otherwise
+    /// `timeout` without a byte is a stall. Uses `read`, which is cancel-safe, under the timeout.
+    async fn fill(&mut self, buf: &mut [u8], idle_ok: bool, what: &str) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match tokio::time::timeout(self.timeout, self.rd.read(&mut buf[got..])).await {
+                Ok(Ok(0)) if got == 0 && idle_ok => return Ok(false),
+                Ok(Ok(0)) => {
+                    return Err(Error::Closed(format!(
+                        "the server closed the connection in the middle of {what}"
+                    )));
+                }
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => return Err(Error::io(format!("reading {what}"), e)),
+                Err(_) if got == 0 && idle_ok && self.shared.in_flight() == 0 => {}
+                Err(_) => {
+                    return Err(Error::Timeout(format!(
+                        "the server sent nothing for {} s while {} requests were in flight \
+                         (waiting for {what})",
+                        self.timeout.as_secs_f64(),
+                        self.shared.in_flight()
+                    )));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn read_replies(&mut self) -> Result<()> {
+        loop {
+            let mut header = [0u8; EXTENDED_REPLY_LEN];
+            if !self.fill(&mut header[..4], true, "a reply header").await? {
+                let n = self.shared.in_flight();
+                return if n == 0 {
+                    Ok(())
+                } else {
+                    Err(Error::Closed(format!(
+                        "the server closed the connection with {n} requests in flight"
+                    )))
+                };
+            }
+            let len = ReplyHeader::header_len(header[..4].try_into().expect("4 bytes"))?;
+            self.fill(&mut header[4..len], false, "a reply header")
+                .await?;
+            let header = ReplyHeader::decode(&header[..len], self.mode)?;
+            let cookie = header.cookie();
+            let mut pending = self.shared.take(cookie)?;
+            match self.handle(header, &mut pending).await {
+                Ok(true) => pending.finish(),
+                Ok(false) => self.shared.put_back(cookie, pending),
+                Err(e) => {
+                    let _ = pending.done.send(Err(e.clone()));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Consumes one reply header and its payload. Returns true when the request is complete.
+    async fn handle(&mut self, header: ReplyHeader, p: &mut Pending) -> Result<bool> {
+        match header {
+            ReplyHeader::Simple { error, .. } => {
+                if error != 0 {
+                    p.error = Some(p.command_error(error, String::new(), None));
+                } else if p.command == CMD_READ {
+                    if self.mode != HeaderMode::Simple {
+                        return Err(Error::Protocol(
+                            "simple reply to a read after structured replies were negotiated"
+                                .into(),
+                        ));
+                    }
+                    let mut data = p.data.take().unwrap_or_default();
+                    let ok = self.fill(&mut data, false, "read data").await;
+                    p.data = Some(data);
+                    ok?;
+                    p.fill(p.offset, p.length)?;
+                } else if p.command == CMD_BLOCK_STATUS {
+                    return Err(Error::Protocol(
+                        "simple success reply to block status".into(),
+                    ));
+                }
+                Ok(true)
+            }
+            ReplyHeader::Chunk {
+                flags,
+                chunk_type,
+                offset,
+                length,
+                ..
+            } => {
+                if let Some(echo) = offset
+                    && echo != p.offset
+                {
+                    return Err(Error::Protocol(format!(
+                        "reply chunk echoes offset {echo}, request was at {}",
+                        p.offset
+                    )));
+                }
+                self.handle_chunk(chunk_type, length, p).await?;
+                if chunk_type == CHUNK_NONE && flags & REPLY_FLAG_DONE == 0 {
+                    return Err(Error::Protocol("NONE chunk without the DONE flag".into()));
+                }
+                Ok(flags & REPLY_FLAG_DONE != 0)
+            }
+        }
+    }
+
+    async fn handle_chunk(&mut self, chunk_type: u16, length: u64, p: &mut Pending) -> Result<()> {
+        if chunk_type == CHUNK_OFFSET_DATA {
+            if p.command != CMD_READ {
+                return Err(Error::Protocol(format!(
+                    "data chunk in reply to {}",
+                    command_name(p.command)
+                )));
+            }
+            if length <= OFFSET_DATA_HEADER_LEN as u64 || length - 8 > p.length {
+                return Err(Error::Protocol(format!(
+                    "data chunk of {length} bytes for a read of {}",
+                    p.length
+                )));
+            }
+            let mut head = [0u8; OFFSET_DATA_HEADER_LEN];
+            self.fill(&mut head, false, "a data chunk").await?;
+            let start = u64::from_be_bytes(head);
+            let data_len = length - OFFSET_DATA_HEADER_LEN as u64;
+            p.fill(start, data_len)?;
+            let at = (start - p.offset) as usize;
+            let mut data = p.data.take().unwrap_or_default();
+            let ok = self
+                .fill(&mut data[at..at + data_len as usize], false, "read data")
+                .await;
+            p.data = Some(data);
+            ok?;
+            return Ok(());
+        }
+        if length > MAX_METADATA_CHUNK_LEN {
+            return Err(Error::Protocol(format!(
+                "reply chunk of type {chunk_type} claims {length} bytes, over the limit"
+            )));
+        }
+        let mut payload = vec![0u8; length as usize];
+        self.fill(&mut payload, false, "a reply chunk").await?;
+        match Chunk::decode(chunk_type, &payload, length)? {
+            Chunk::None | Chunk::OffsetData { .. } => {}
+            Chunk::OffsetHole { offset, length } => {
+                if p.command != CMD_READ {
+                    return Err(Error::Protocol(format!(
+                        "hole chunk in reply to {}",
+                        command_name(p.command)
+                    )));
+                }
+                // The buffer starts zeroed, so a hole only needs recording.
+                p.fill(offset, u64::from(length))?;
+            }
+            Chunk::BlockStatus {
+                context,
+                descriptors,
+            } => {
+                let expected = if self.mode == HeaderMode::Extended {
+                    CHUNK_BLOCK_STATUS_EXT
+                } else {
+                    CHUNK_BLOCK_STATUS
+                };
+                if p.command != CMD_BLOCK_STATUS || chunk_type != expected {
+                    return Err(Error::Protocol(format!(
+                        "block status chunk of type {chunk_type} in reply to {}",
+                        command_name(p.command)
+                    )));
+                }
+                if !self.context_ids.contains(&context) {
+                    return Err(Error::Protocol(format!(
+                        "block status for meta context id {context}, which was never negotiated"
+                    )));
+                }
+                if descriptors.iter().any(|d| d.length == 0) {
+                    return Err(Error::Protocol(
+                        "block status descriptor of length 0".into(),
+                    ));
+                }
+                if p.status.iter().any(|(c, _)| *c == context) {
+                    return Err(Error::Protocol(format!(
+                        "two block status chunks for meta context id {context}"
+                    )));
+                }
+                p.status.push((context, descriptors));
+            }
+            Chunk::Error { error, message } => {
+                if p.error.is_none() {
+                    p.error = Some(p.command_error(error, message, None));
+                }
+            }
+            Chunk::ErrorOffset {
+                error,
+                message,
+                offset,
+            } => {
+                if p.error.is_none() {
+                    p.error = Some(p.command_error(error, message, Some(offset)));
+                }
+            }
+            Chunk::UnknownError { chunk_type } => {
+                if p.error.is_none() {
+                    p.error = Some(p.command_error(
+                        EINVAL,
+                        format!("unknown error chunk type {chunk_type:#x}"),
+                        None,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! The client's error type. It is `Clone` because one broken connection fails every request in
+//! flight on it, and each waiter gets its own copy.
+
+use std::sync::Arc;
+
+use crate::proto::DecodeError;
+use crate::proto::consts::{command_name, errno_name, option_name, reply_error_name};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A socket or file operation failed; `context` says which.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The server broke the protocol; the connection is dropped.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server refused an option during the handshake.
+    #[error("server refused {}: {}{}", option_name(*.option), reply_error_name(*.code), message_suffix(.message))]
+    OptionRefused {
+        option: u32,
+        code: u32,
+        message: String,
+    },
+    /// The server failed one command; the connection stays usable.
+    #[error("{} at offset {offset} length {length} failed: {}{}", command_name(*.command), errno_text(*.errno), error_detail(.message, *.error_offset))]
+    Command {
+        command: u16,
+        offset: u64,
+        length: u64,
+        errno: u32,
+        message: String,
+        error_offset: Option<u64>,
+    },
+    /// The caller asked for something this export or connection cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The caller passed an invalid argument (unaligned, out of range, too long).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The server went silent.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The connection is closed (by us or the server) and can carry no more requests.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// TLS could not be set up or negotiated.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({message})")
+    }
+}
+
+fn errno_text(errno: u32) -> String {
+    let (name, text) = errno_name(errno);
+    format!("{text} ({name})")
+}
+
+fn error_detail(message: &str, error_offset: Option<u64>) -> String {
+    let mut s = String::new();
+    if let Some(off) = error_offset {
+        s.push_str(&format!(" at byte {off}"));
+    }
+    if !message.is_empty() {
+        s.push_str(&format!(": server says {message:?}"));
+    }
+    s
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The NBD error value of a failed command, if this is one.
+    pub fn errno(&self) -> Option<u32> {
+        match self {
+            Error::Command { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// True if the connection can no longer be used.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            Error::Command { .. } | Error::Unsupported(_) | Error::InvalidArgument(_)
+        )
+    }
+
+    /// True if the server broke the protocol.
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, Error::Protocol(_))
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(e: DecodeError) -> Self {
+        Error::Protocol(e.to_string())
+    }
+}

@@ -1,0 +1,13 @@
+//! ferry's own NBD implementation: the sans-IO wire codec ([`proto`]), NBD URIs ([`uri`]), TLS
+//! configuration ([`tls`]) and the async pipelined client ([`client`]).
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod error;
+pub mod proto;
+pub mod tls;
+pub mod uri;
+
+pub use client::{Client, ConnectOptions, Connection, Negotiated, Reply};
+pub use error::{Error, Result};
