@@ -176,12 +176,15 @@ impl ReplyHeader {
                 )));
             }
         };
-        let allowed = match (mode, magic) {
-            (HeaderMode::Simple, SIMPLE_REPLY_MAGIC) => true,
-            (HeaderMode::Structured, SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC) => true,
-            (HeaderMode::Extended, EXTENDED_REPLY_MAGIC) => true,
-            _ => false,
-        };
+        let allowed = matches!(
+            (mode, magic),
+            (HeaderMode::Simple, SIMPLE_REPLY_MAGIC)
+                | (
+                    HeaderMode::Structured,
+                    SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC
+                )
+                | (HeaderMode::Extended, EXTENDED_REPLY_MAGIC)
+        );
         if !allowed {
             return Err(DecodeError::Invalid(format!(
                 "reply: header magic {magic:#010x} not allowed with {mode:?} headers"
