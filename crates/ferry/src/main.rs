@@ -1,1 +1,101 @@
-fn main() {}
+//! The `ferry` command line: parses arguments into validated requests and hands them to the
+//! library crates. Nothing else lives here.
+//!
+//! Exit codes: 0 success; 1 the operation failed (I/O, protocol, server error); 2 usage error
+//! (bad arguments, malformed URI).
+
+mod demo;
+mod endpoint;
+mod human;
+mod info;
+mod map;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a failed operation.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for bad usage (arguments, URIs).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move virtual-machine disk images fast and safely",
+    after_help = "Exit status: 0 success, 1 operation failed, 2 usage error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what an NBD server (or a local file) offers: size, block sizes, flags, contexts.
+    Info(info::InfoArgs),
+    /// Print the extents (data, zero, hole) of an NBD export or a local file.
+    Map(map::MapArgs),
+    /// Run the main job on an embedded sample image and verify the results.
+    Demo(demo::DemoArgs),
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            error: e.into(),
+        }
+    }
+}
+
+/// Builds a usage failure (exit code 2).
+pub fn usage(msg: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        error: anyhow::anyhow!("{msg}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Info(args) => info::run(args).await,
+            Command::Map(args) => map::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("ferry: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

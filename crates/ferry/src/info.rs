@@ -1,0 +1,200 @@
+//! `ferry info`: what an NBD export (or a local file) is and offers.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use anyhow::Context;
+use nbd::Negotiated;
+use nbd::proto::HeaderMode;
+use nbd::proto::consts::{TFLAG_CAN_MULTI_CONN, transmission_flag_names};
+use serde_json::json;
+
+use crate::endpoint::{NbdArgs, Target};
+use crate::{Failure, human};
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or a local file or block device.
+    pub target: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// List the server's exports instead of describing one.
+    #[arg(long)]
+    pub list: bool,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
+}
+
+pub async fn run(args: InfoArgs) -> Result<(), Failure> {
+    match Target::parse(&args.target)? {
+        Target::Nbd(uri) => {
+            let mut opts = args.nbd.connect_options(&uri)?;
+            if args.list {
+                let exports = opts
+                    .list_exports()
+                    .await
+                    .with_context(|| format!("listing exports of {uri}"))?;
+                print_list(&exports, args.json);
+                return Ok(());
+            }
+            opts.list_meta_contexts = true;
+            opts.full_info = true;
+            let conn = opts
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {uri}"))?;
+            print_nbd(&uri.to_string(), conn.info(), args.json);
+            conn.disconnect().await;
+            Ok(())
+        }
+        Target::File(path) => {
+            if args.list {
+                return Err(crate::usage("--list needs an NBD URI"));
+            }
+            let meta = std::fs::metadata(&path)
+                .with_context(|| format!("reading metadata of {}", path.display()))?;
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let size = disk::file_extents::file_size(&file)
+                .with_context(|| format!("reading the size of {}", path.display()))?;
+            print_file(&path.display().to_string(), &meta, size, args.json);
+            Ok(())
+        }
+    }
+}
+
+fn replies_name(mode: HeaderMode) -> &'static str {
+    match mode {
+        HeaderMode::Simple => "simple",
+        HeaderMode::Structured => "structured",
+        HeaderMode::Extended => "extended",
+    }
+}
+
+fn print_nbd(uri: &str, info: &Negotiated, json: bool) {
+    let flags = transmission_flag_names(info.flags);
+    let multi_conn = info.has_flag(TFLAG_CAN_MULTI_CONN);
+    let b = info.block_size;
+    if json {
+        let value = json!({
+            "uri": uri,
+            "export": info.export,
+            "canonical_name": info.canonical_name,
+            "description": info.description,
+            "size": info.size,
+            "block_size": {
+                "minimum": b.minimum,
+                "preferred": b.preferred,
+                "maximum": b.maximum,
+                "advertised": info.block_size_advertised,
+            },
+            "transmission_flags": info.flags,
+            "flags": flags,
+            "negotiated": {
+                "tls": info.tls,
+                "replies": replies_name(info.mode),
+                "structured_replies": info.mode != HeaderMode::Simple,
+                "extended_headers": info.mode == HeaderMode::Extended,
+                "export_name_fallback": info.export_name_fallback,
+            },
+            "multi_conn": multi_conn,
+            "contexts": info.offered_contexts,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON value")
+        );
+        return;
+    }
+    println!("uri:          {uri}");
+    println!("export:       {:?}", info.export);
+    if let Some(name) = &info.canonical_name {
+        println!("canonical:    {name:?}");
+    }
+    if let Some(desc) = info.description.as_deref().filter(|d| !d.is_empty()) {
+        println!("description:  {desc}");
+    }
+    println!("size:         {} ({})", info.size, human::size(info.size));
+    println!(
+        "block sizes:  minimum {}, preferred {}, maximum {}{}",
+        b.minimum,
+        b.preferred,
+        b.maximum,
+        if info.block_size_advertised {
+            ""
+        } else {
+            " (not advertised: protocol defaults)"
+        }
+    );
+    println!(
+        "negotiated:   {} replies, TLS {}{}",
+        replies_name(info.mode),
+        if info.tls { "yes" } else { "no" },
+        if info.export_name_fallback {
+            ", via NBD_OPT_EXPORT_NAME (server lacks NBD_OPT_GO)"
+        } else {
+            ""
+        }
+    );
+    println!("multi-conn:   {}", if multi_conn { "yes" } else { "no" });
+    println!("flags:        {:#06x} {}", info.flags, flags.join(" "));
+    if info.mode == HeaderMode::Simple {
+        println!("contexts:     (none: no structured replies)");
+    } else if info.offered_contexts.is_empty() {
+        println!("contexts:     (none offered)");
+    } else {
+        println!("contexts:");
+        for c in &info.offered_contexts {
+            println!("  {c}");
+        }
+    }
+}
+
+fn print_list(exports: &[(String, String)], json: bool) {
+    if json {
+        let list: Vec<_> = exports
+            .iter()
+            .map(|(name, description)| json!({"name": name, "description": description}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).expect("JSON value")
+        );
+        return;
+    }
+    for (name, description) in exports {
+        if description.is_empty() {
+            println!("{name:?}");
+        } else {
+            println!("{name:?}\t{description}");
+        }
+    }
+}
+
+fn print_file(path: &str, meta: &std::fs::Metadata, size: u64, json: bool) {
+    let kind = if meta.file_type().is_block_device() {
+        "block device"
+    } else {
+        "regular file"
+    };
+    let allocated = meta.blocks() * 512;
+    if json {
+        let value = json!({
+            "path": path,
+            "kind": kind,
+            "size": size,
+            "allocated": allocated,
+            "preferred_block_size": meta.blksize(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON value")
+        );
+        return;
+    }
+    println!("path:         {path}");
+    println!("kind:         {kind}");
+    println!("size:         {size} ({})", human::size(size));
+    println!("allocated:    {allocated} ({})", human::size(allocated));
+    println!("block size:   preferred {}", meta.blksize());
+}

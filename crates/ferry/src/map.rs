@@ -1,0 +1,257 @@
+//! `ferry map`: the extents of an NBD export (any meta context) or a local file, printed with
+//! `nbdinfo --map`'s columns or as its JSON list. Output streams window by window, so a
+//! many-TiB image never holds its whole map in memory.
+
+use std::io::Write;
+
+use anyhow::Context;
+use nbd::proto::consts::{
+    CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX, STATE_HOLE,
+    STATE_ZERO,
+};
+
+use crate::endpoint::{NbdArgs, Target};
+use crate::{Failure, usage};
+
+/// Bytes of the image examined per step.
+const WINDOW: u64 = 8 << 30;
+
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    /// NBD URI or a local file or block device.
+    pub target: String,
+    /// Print a JSON list of {"offset","length","type","description"} objects.
+    #[arg(long)]
+    pub json: bool,
+    /// Meta context to map: base:allocation, qemu:allocation-depth, qemu:dirty-bitmap:NAME.
+    #[arg(long, value_name = "NAME", default_value = CONTEXT_BASE_ALLOCATION)]
+    pub context: String,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
+}
+
+/// One output row; consecutive rows of equal type are merged before printing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: u64,
+}
+
+/// What a status value means in `context`, as nbdinfo words it.
+pub fn describe(context: &str, kind: u64) -> String {
+    if context == CONTEXT_BASE_ALLOCATION {
+        let hole = kind & u64::from(STATE_HOLE) != 0;
+        let zero = kind & u64::from(STATE_ZERO) != 0;
+        return match (hole, zero) {
+            (false, false) => "data",
+            (true, false) => "hole",
+            (false, true) => "zero",
+            (true, true) => "hole,zero",
+        }
+        .into();
+    }
+    if context == CONTEXT_ALLOCATION_DEPTH {
+        return match kind {
+            0 => "unallocated".into(),
+            1 => "local".into(),
+            n => format!("backing depth {n}"),
+        };
+    }
+    if context.starts_with(CONTEXT_DIRTY_BITMAP_PREFIX) {
+        return if kind & 1 != 0 { "dirty" } else { "clean" }.into();
+    }
+    String::new()
+}
+
+/// Prints rows as they come, merging neighbours of equal type.
+struct Printer<'a> {
+    out: std::io::BufWriter<std::io::StdoutLock<'a>>,
+    context: String,
+    json: bool,
+    printed: usize,
+    held: Option<Row>,
+}
+
+impl Printer<'_> {
+    fn push(&mut self, row: Row) -> std::io::Result<()> {
+        match &mut self.held {
+            Some(h) if h.kind == row.kind && h.offset + h.length == row.offset => {
+                h.length += row.length;
+                Ok(())
+            }
+            _ => {
+                if let Some(prev) = self.held.replace(row) {
+                    self.emit(prev)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn emit(&mut self, row: Row) -> std::io::Result<()> {
+        let description = describe(&self.context, row.kind);
+        if self.json {
+            let sep = if self.printed == 0 { "[\n" } else { ",\n" };
+            let desc = serde_json::to_string(&description).expect("string");
+            write!(
+                self.out,
+                "{sep}{{ \"offset\": {}, \"length\": {}, \"type\": {}, \"description\": {desc}}}",
+                row.offset, row.length, row.kind
+            )?;
+        } else {
+            writeln!(
+                self.out,
+                "{:>10}  {:>10}  {:>3}  {description}",
+                row.offset, row.length, row.kind
+            )?;
+        }
+        self.printed += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        if let Some(row) = self.held.take() {
+            self.emit(row)?;
+        }
+        if self.json {
+            let open = if self.printed == 0 { "[" } else { "" };
+            writeln!(self.out, "{open}\n]")?;
+        }
+        self.out.flush()
+    }
+}
+
+pub async fn run(args: MapArgs) -> Result<(), Failure> {
+    let stdout = std::io::stdout();
+    let mut printer = Printer {
+        out: std::io::BufWriter::new(stdout.lock()),
+        context: args.context.clone(),
+        json: args.json,
+        printed: 0,
+        held: None,
+    };
+    match Target::parse(&args.target)? {
+        Target::Nbd(uri) => map_nbd(&uri, &args, &mut printer).await?,
+        Target::File(path) => {
+            if args.context != CONTEXT_BASE_ALLOCATION {
+                return Err(usage(format!(
+                    "a local file has only the {CONTEXT_BASE_ALLOCATION} context, not {}",
+                    args.context
+                )));
+            }
+            map_file(&path, &mut printer)?;
+        }
+    }
+    printer.finish().context("writing the map")?;
+    Ok(())
+}
+
+async fn map_nbd(
+    uri: &nbd::uri::NbdUri,
+    args: &MapArgs,
+    printer: &mut Printer<'_>,
+) -> Result<(), Failure> {
+    let mut opts = args.nbd.connect_options(uri)?;
+    opts.meta_contexts = vec![args.context.clone()];
+    opts.list_meta_contexts = true;
+    let client = nbd::Client::connect(&opts, 1)
+        .await
+        .with_context(|| format!("connecting to {uri}"))?;
+    let size = client.size();
+    if client.info().context_id(&args.context).is_none() {
+        if args.context == CONTEXT_BASE_ALLOCATION {
+            // Servers without block status (e.g. nbd-server) hold data everywhere as far as
+            // anyone can tell: say so instead of failing.
+            eprintln!(
+                "ferry: {uri} offers no {CONTEXT_BASE_ALLOCATION}; reporting the whole export as data"
+            );
+            if size > 0 {
+                printer.push(Row {
+                    offset: 0,
+                    length: size,
+                    kind: 0,
+                })?;
+            }
+            client.disconnect().await;
+            return Ok(());
+        }
+        let offered = &client.info().offered_contexts;
+        return Err(anyhow::anyhow!(
+            "{uri} does not offer meta context {:?} (offered: {})",
+            args.context,
+            if offered.is_empty() {
+                "none".to_string()
+            } else {
+                offered.join(", ")
+            }
+        )
+        .into());
+    }
+    let mut offset = 0;
+    while offset < size {
+        let len = WINDOW.min(size - offset);
+        let extents = client
+            .block_status(&args.context, offset, len)
+            .await
+            .with_context(|| format!("block status of {uri} at offset {offset} length {len}"))?;
+        for e in extents {
+            printer.push(Row {
+                offset: e.offset,
+                length: e.length,
+                kind: e.flags,
+            })?;
+        }
+        offset += len;
+    }
+    client.disconnect().await;
+    Ok(())
+}
+
+fn map_file(path: &std::path::Path, printer: &mut Printer<'_>) -> Result<(), Failure> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = disk::file_extents::file_size(&file)
+        .with_context(|| format!("reading the size of {}", path.display()))?;
+    let mut offset = 0;
+    while offset < size {
+        let len = WINDOW.min(size - offset);
+        let extents = disk::file_extents::file_extents(&file, offset, len).with_context(|| {
+            format!(
+                "finding extents of {} at offset {offset} length {len}",
+                path.display()
+            )
+        })?;
+        for e in extents {
+            let kind = if e.zero {
+                u64::from(STATE_HOLE | STATE_ZERO)
+            } else {
+                0
+            };
+            printer.push(Row {
+                offset: e.offset,
+                length: e.length,
+                kind,
+            })?;
+        }
+        offset += len;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn descriptions_match_nbdinfo() {
+        assert_eq!(describe("base:allocation", 0), "data");
+        assert_eq!(describe("base:allocation", 1), "hole");
+        assert_eq!(describe("base:allocation", 2), "zero");
+        assert_eq!(describe("base:allocation", 3), "hole,zero");
+        assert_eq!(describe("qemu:allocation-depth", 0), "unallocated");
+        assert_eq!(describe("qemu:allocation-depth", 1), "local");
+        assert_eq!(describe("qemu:allocation-depth", 2), "backing depth 2");
+        assert_eq!(describe("qemu:dirty-bitmap:b0", 1), "dirty");
+        assert_eq!(describe("qemu:dirty-bitmap:b0", 0), "clean");
+    }
+}
