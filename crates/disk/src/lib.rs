@@ -1,4 +1,13 @@
-//! Disk endpoints: local files and block devices, NBD; their extents and capabilities.
+//! Disk endpoints: local files and block devices, NBD exports, streams and `null:`; their
+//! extents and capabilities, behind one [`Endpoint`] trait the copy engine drives.
 
+pub mod endpoint;
 pub mod extents;
+pub mod file;
 pub mod file_extents;
+pub mod nbd;
+pub mod null;
+pub mod pipe;
+
+pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op};
+pub use extents::Extent;

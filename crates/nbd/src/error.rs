@@ -94,6 +94,20 @@ impl Error {
         }
     }
 
+    /// Why it failed, without the command and range (callers that name the operation
+    /// themselves use this): for a failed command e.g. `No space left on device (ENOSPC)`.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Command {
+                errno,
+                message,
+                error_offset,
+                ..
+            } => format!("{}{}", errno_text(*errno), error_detail(message, *error_offset)),
+            other => other.to_string(),
+        }
+    }
+
     /// True if the connection can no longer be used.
     pub fn is_fatal(&self) -> bool {
         !matches!(

@@ -209,8 +209,10 @@ impl BlockSize {
         maximum: DEFAULT_MAX_PAYLOAD,
     };
 
-    /// Checks the spec's rules: powers of two, minimum ≤ 64 KiB, preferred ≥ minimum, maximum ≥ preferred
-    /// (maximum need not be a power of two).
+    /// Checks the spec's rules: minimum and preferred are powers of two, minimum ≤ 64 KiB,
+    /// preferred ≥ minimum, and maximum ≥ minimum and either a multiple of minimum (it need not be
+    /// a power of two) or 0xffffffff, "no inherent limit". The spec only asks maximum to reach the
+    /// smaller of preferred and the export size, which cannot be checked without the size.
     pub fn validate(&self) -> Result<(), DecodeError> {
         let b = self;
         let ok = b.minimum.is_power_of_two()
@@ -218,7 +220,7 @@ impl BlockSize {
             && b.preferred.is_power_of_two()
             && b.preferred >= b.minimum
             && b.maximum >= b.minimum
-            && b.maximum.is_multiple_of(b.minimum);
+            && (b.maximum == u32::MAX || b.maximum.is_multiple_of(b.minimum));
         if ok {
             Ok(())
         } else {

@@ -1,0 +1,237 @@
+//! The endpoint abstraction every copy runs through: capabilities reported once at open
+//! ([`Caps`]), and asynchronous read, write, zero, extents and flush. Implementations live in
+//! sibling modules (file, nbd, pipe, null); the copy engine only sees `Arc<dyn Endpoint>`.
+//!
+//! Errors always name the endpoint, the operation, and the byte range ([`DiskError`]).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::extents::Extent;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, DiskError>> + Send + 'a>>;
+
+/// What an endpoint can do, as learned when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    /// Size in bytes; `None` for streams (pipes) whose end is found by reading.
+    pub size: Option<u64>,
+    pub read_only: bool,
+    /// `extents` tells data from zeroes (NBD block status, SEEK_DATA).
+    pub extents: bool,
+    /// Zeroing without sending zero bytes (WRITE_ZEROES, fallocate, discarding).
+    pub efficient_zero: bool,
+    /// A zero request can be asked to fail fast instead of falling back to writing.
+    pub fast_zero: bool,
+    pub flush: bool,
+    /// Requests may be issued from several tasks at once and complete in any order.
+    pub concurrent: bool,
+    /// Bytes must be read or written strictly in order (pipes).
+    pub sequential: bool,
+    /// Offsets and lengths must be multiples of this.
+    pub min_block: u64,
+    /// Requests should be multiples of this.
+    pub preferred_block: u64,
+    /// Largest single read or write; larger ones are split by the endpoint.
+    pub max_request: u64,
+    /// Request size to use when the user does not choose one.
+    pub default_request: u64,
+    /// The whole endpoint is known to read as zeroes (a fresh or truncated file, `null:`).
+    pub known_zero: bool,
+}
+
+impl Caps {
+    /// Defaults for a random-access endpoint with no constraints.
+    pub fn random_access(size: u64) -> Caps {
+        Caps {
+            size: Some(size),
+            read_only: false,
+            extents: false,
+            efficient_zero: false,
+            fast_zero: false,
+            flush: false,
+            concurrent: true,
+            sequential: false,
+            min_block: 1,
+            preferred_block: 4096,
+            max_request: 32 << 20,
+            default_request: 256 << 10,
+            known_zero: false,
+        }
+    }
+}
+
+/// The operation that failed, worded for messages ("read from X", "write to X").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Open,
+    Read,
+    Write,
+    Zero,
+    Extents,
+    Flush,
+    Close,
+}
+
+impl Op {
+    fn phrase(self) -> &'static str {
+        match self {
+            Op::Open => "open",
+            Op::Read => "read from",
+            Op::Write => "write to",
+            Op::Zero => "zero",
+            Op::Extents => "extents of",
+            Op::Flush => "flush",
+            Op::Close => "close",
+        }
+    }
+}
+
+/// A failed endpoint operation: which endpoint, what, where, and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{} {endpoint}{} failed: {cause}", op.phrase(), range_text(*offset, *length))]
+pub struct DiskError {
+    pub endpoint: String,
+    pub op: Op,
+    pub offset: Option<u64>,
+    pub length: Option<u64>,
+    pub cause: String,
+    /// The OS or NBD error number, when there is one.
+    pub errno: Option<i32>,
+}
+
+fn range_text(offset: Option<u64>, length: Option<u64>) -> String {
+    match (offset, length) {
+        (Some(o), Some(l)) => format!(" at offset {o} length {l}"),
+        (Some(o), None) => format!(" at offset {o}"),
+        _ => String::new(),
+    }
+}
+
+impl DiskError {
+    pub fn new(endpoint: &str, op: Op, cause: impl Into<String>) -> Self {
+        DiskError {
+            endpoint: endpoint.to_string(),
+            op,
+            offset: None,
+            length: None,
+            cause: cause.into(),
+            errno: None,
+        }
+    }
+
+    pub fn at(mut self, offset: u64, length: u64) -> Self {
+        self.offset = Some(offset);
+        self.length = Some(length);
+        self
+    }
+
+    pub fn from_io(endpoint: &str, op: Op, err: &std::io::Error) -> Self {
+        let mut e = DiskError::new(endpoint, op, io_reason(err));
+        e.errno = err.raw_os_error();
+        e
+    }
+
+    pub fn from_nbd(endpoint: &str, op: Op, err: &nbd::Error) -> Self {
+        let mut e = DiskError::new(endpoint, op, err.reason());
+        e.errno = err.errno().map(|n| n as i32);
+        e
+    }
+}
+
+/// `No space left on device (ENOSPC)` rather than std's `(os error 28)`.
+pub fn io_reason(err: &std::io::Error) -> String {
+    let Some(code) = err.raw_os_error() else {
+        return err.to_string();
+    };
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::EBADF => "EBADF",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EPIPE => "EPIPE",
+        libc::EDQUOT => "EDQUOT",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        _ => return err.to_string(),
+    };
+    let text = err.to_string();
+    let text = text
+        .strip_suffix(&format!(" (os error {code})"))
+        .unwrap_or(&text);
+    format!("{text} ({name})")
+}
+
+/// One side of a copy. All methods may be called concurrently when `caps().concurrent`.
+pub trait Endpoint: Send + Sync {
+    /// How the user named it (URI or path), for messages.
+    fn name(&self) -> &str;
+    fn caps(&self) -> &Caps;
+    /// Reads `len` bytes at `offset`. Streams return fewer bytes only at their end.
+    fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes>;
+    fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()>;
+    /// Makes [offset, offset+len) read as zeroes; `allocate` keeps it allocated.
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()>;
+    /// Tries to make [offset, offset+len) read as zeroes quickly. Ok(false) when the endpoint
+    /// cannot do it fast, in which case nothing changed.
+    fn fast_zero(&self, _offset: u64, _len: u64) -> BoxFut<'_, bool> {
+        Box::pin(async { Ok(false) })
+    }
+    /// Extents covering [offset, offset+len) exactly. Without extent support: one data extent.
+    fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
+        Box::pin(async move { Ok(vec![Extent::data(offset, len)]) })
+    }
+    fn flush(&self) -> BoxFut<'_, ()>;
+    /// Releases the endpoint (soft disconnect, child process stop). Idempotent.
+    fn close(&self) -> BoxFut<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A buffer of `len` zero bytes, shared for endpoints that must write zeroes as data.
+pub fn zero_bytes(len: usize) -> Bytes {
+    const SHARED: usize = 1 << 20;
+    static ZEROES: [u8; SHARED] = [0; SHARED];
+    if len <= SHARED {
+        Bytes::from_static(&ZEROES[..len])
+    } else {
+        Bytes::from(vec![0u8; len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_names_endpoint_operation_and_range() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = DiskError::from_io("nbd+unix:///?socket=/run/x.sock", Op::Write, &io)
+            .at(1048576, 262144);
+        assert_eq!(
+            e.to_string(),
+            "write to nbd+unix:///?socket=/run/x.sock at offset 1048576 length 262144 failed: \
+             No space left on device (ENOSPC)"
+        );
+        assert_eq!(e.errno, Some(libc::ENOSPC));
+    }
+
+    #[test]
+    fn zero_bytes_are_zero() {
+        assert!(zero_bytes(100).iter().all(|b| *b == 0));
+        assert_eq!(zero_bytes(3 << 20).len(), 3 << 20);
+    }
+}

@@ -1,0 +1,389 @@
+//! Local raw files and block devices as endpoints: positional I/O on tokio's blocking pool (never
+//! on the reactor), extents from SEEK_DATA/SEEK_HOLE, zeroing by punch-hole, zero-range or
+//! BLKZEROOUT with fallbacks, and optional O_DIRECT.
+//!
+//! Opening a destination never replaces a device node: the path is opened without O_CREAT
+//! first, and created (O_EXCL) only when it does not exist.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use bytes::Bytes;
+
+use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, zero_bytes};
+use crate::extents::Extent;
+use crate::file_extents::{file_extents, file_size};
+
+/// Alignment O_DIRECT needs for buffers, offsets and lengths on common devices.
+const DIRECT_ALIGN: usize = 4096;
+
+// Zeroing methods, disabled one by one when the filesystem says it lacks them.
+const NO_PUNCH: u8 = 1 << 0;
+const NO_ZERO_RANGE: u8 = 1 << 1;
+const NO_BLKZEROOUT: u8 = 1 << 2;
+
+/// BLKZEROOUT from linux/fs.h: _IO(0x12, 127).
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+struct Inner {
+    name: String,
+    /// Buffered handle: all I/O when not direct, and unaligned I/O when direct.
+    file: File,
+    /// O_DIRECT handle for aligned I/O, when asked for.
+    direct: Option<File>,
+    block_device: bool,
+    disabled: AtomicU8,
+}
+
+pub struct FileEndpoint {
+    inner: Arc<Inner>,
+    caps: Caps,
+}
+
+impl FileEndpoint {
+    /// Opens a source for reading.
+    pub fn open_source(path: &Path, direct: bool) -> Result<Self, DiskError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+        Self::finish_open(name, file, path, direct, false, false)
+    }
+
+    /// Opens (or creates) a destination. A regular file is truncated to `size` when given, so
+    /// it is known to read as zeroes; a block device is used as it is.
+    pub fn open_destination(path: &Path, size: Option<u64>, direct: bool) -> Result<Self, DiskError> {
+        let name = path.display().to_string();
+        let open = |create: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(true);
+            if create {
+                o.create_new(true).mode(0o644);
+            }
+            o.open(path)
+        };
+        let (file, created) = match open(false) {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (open(true).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?, true)
+            }
+            Err(e) => return Err(DiskError::from_io(&name, Op::Open, &e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+        let mut truncated = created;
+        if meta.file_type().is_file()
+            && let Some(size) = size
+        {
+            // Truncating to 0 first discards old blocks, so the file then reads as zeroes.
+            file.set_len(0)
+                .and_then(|_| file.set_len(size))
+                .map_err(|e| DiskError::from_io(&name, Op::Open, &e).at(0, size))?;
+            truncated = true;
+        }
+        Self::finish_open(name, file, path, direct, true, truncated)
+    }
+
+    fn finish_open(
+        name: String,
+        file: File,
+        path: &Path,
+        direct: bool,
+        writable: bool,
+        known_zero: bool,
+    ) -> Result<Self, DiskError> {
+        let meta = file
+            .metadata()
+            .map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(DiskError::new(
+                &name,
+                Op::Open,
+                "not a regular file or block device",
+            ));
+        }
+        let size = file_size(&file).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+        let direct = if direct {
+            let mut o = OpenOptions::new();
+            o.read(true).write(writable).custom_flags(libc::O_DIRECT);
+            Some(o.open(path).map_err(|e| {
+                let mut err = DiskError::from_io(&name, Op::Open, &e);
+                err.cause = format!("O_DIRECT: {}", err.cause);
+                err
+            })?)
+        } else {
+            None
+        };
+        let block_device = kind.is_block_device();
+        use std::os::unix::fs::MetadataExt;
+        let preferred = (meta.blksize()).clamp(512, 1 << 20).next_power_of_two();
+        let mut caps = Caps::random_access(size);
+        caps.extents = !block_device;
+        caps.efficient_zero = true;
+        caps.flush = true;
+        caps.preferred_block = preferred;
+        caps.known_zero = known_zero;
+        caps.read_only = !writable;
+        Ok(FileEndpoint {
+            inner: Arc::new(Inner {
+                name,
+                file,
+                direct,
+                block_device,
+                disabled: AtomicU8::new(0),
+            }),
+            caps,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&Inner) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, DiskError> {
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| DiskError::new(&self.inner.name, op, format!("I/O task failed: {e}")))?;
+        result.map_err(|e| DiskError::from_io(&self.inner.name, op, &e).at(offset, len))
+    }
+}
+
+fn aligned(offset: u64, len: usize, ptr: *const u8) -> bool {
+    offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && (ptr as usize) % DIRECT_ALIGN == 0
+}
+
+impl Inner {
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        // Over-allocate so an aligned window exists for O_DIRECT; the slice keeps it.
+        let extra = if self.direct.is_some() { DIRECT_ALIGN } else { 0 };
+        let mut buf = vec![0u8; len + extra];
+        let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let start = if extra == 0 { 0 } else { start };
+        let window = &mut buf[start..start + len];
+        let file = match &self.direct {
+            Some(d) if aligned(offset, len, window.as_ptr()) => d,
+            _ => &self.file,
+        };
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut window[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Bytes::from(buf).slice(start..start + got))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match &self.direct {
+            Some(d) if aligned(offset, data.len(), data.as_ptr()) => d.write_all_at(data, offset),
+            Some(d) if offset % DIRECT_ALIGN as u64 == 0 && data.len() % DIRECT_ALIGN == 0 => {
+                // Aligned range, unaligned buffer: copy into an aligned one.
+                let mut buf = vec![0u8; data.len() + DIRECT_ALIGN];
+                let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+                buf[start..start + data.len()].copy_from_slice(data);
+                d.write_all_at(&buf[start..start + data.len()], offset)
+            }
+            _ => self.file.write_all_at(data, offset),
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+        // `self.file` and stays open for the duration of the call.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn blkzeroout(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKZEROOUT reads a [u64; 2] (start, length) through the pointer, which
+        // points to a live local array for the whole call.
+        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Tries `method`; on "not supported" disables it for good and reports Ok(false).
+    fn attempt(
+        &self,
+        bit: u8,
+        method: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<bool> {
+        if self.disabled.load(Ordering::Relaxed) & bit != 0 {
+            return Ok(false);
+        }
+        match method() {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOTTY | libc::EINVAL)
+                ) =>
+            {
+                self.disabled.fetch_or(bit, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> std::io::Result<()> {
+        if self.block_device {
+            if offset % 512 == 0 && len % 512 == 0 && self.attempt(NO_BLKZEROOUT, || self.blkzeroout(offset, len))? {
+                return Ok(());
+            }
+        } else {
+            if !allocate
+                && self.attempt(NO_PUNCH, || {
+                    self.fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    )
+                })?
+            {
+                return Ok(());
+            }
+            // tmpfs lacks ZERO_RANGE; the write fallback below covers it.
+            if self.attempt(NO_ZERO_RANGE, || {
+                self.fallocate(
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            })? {
+                return Ok(());
+            }
+        }
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(1 << 20);
+            self.file.write_all_at(&zero_bytes(n as usize), pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl Endpoint for FileEndpoint {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
+        Box::pin(self.blocking(Op::Read, offset, len, move |i| i.read(offset, len as usize)))
+    }
+
+    fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
+        let len = data.len() as u64;
+        Box::pin(self.blocking(Op::Write, offset, len, move |i| i.write(offset, &data)))
+    }
+
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()> {
+        Box::pin(self.blocking(Op::Zero, offset, len, move |i| i.zero(offset, len, allocate)))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
+        Box::pin(self.blocking(Op::Extents, offset, len, move |i| {
+            file_extents(&i.file, offset, len)
+        }))
+    }
+
+    fn flush(&self) -> BoxFut<'_, ()> {
+        Box::pin(self.blocking(Op::Flush, 0, 0, |i| i.file.sync_data()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn write_read_zero_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let ep = FileEndpoint::open_destination(&path, Some(1 << 20), false).unwrap();
+        assert!(ep.caps().known_zero);
+        ep.write(4096, Bytes::from(vec![7u8; 8192])).await.unwrap();
+        let back = ep.read(0, 16384).await.unwrap();
+        assert!(back[..4096].iter().all(|b| *b == 0));
+        assert!(back[4096..12288].iter().all(|b| *b == 7));
+        ep.zero(4096, 4096, false).await.unwrap();
+        let back = ep.read(4096, 8192).await.unwrap();
+        assert!(back[..4096].iter().all(|b| *b == 0));
+        assert!(back[4096..].iter().all(|b| *b == 7));
+        ep.zero(8192, 4096, true).await.unwrap();
+        assert!(ep.read(8192, 4096).await.unwrap().iter().all(|b| *b == 0));
+        ep.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn destination_device_path_is_not_replaced_and_file_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::write(&path, vec![1u8; 10000]).unwrap();
+        let ep = FileEndpoint::open_destination(&path, Some(4096), false).unwrap();
+        assert_eq!(ep.caps().size, Some(4096));
+        assert!(ep.read(0, 4096).await.unwrap().iter().all(|b| *b == 0));
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_file_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.raw");
+        let err = FileEndpoint::open_source(&path, false).err().unwrap();
+        let text = err.to_string();
+        assert!(text.starts_with("open "), "{text}");
+        assert!(text.contains("missing.raw"), "{text}");
+        assert!(text.contains("(ENOENT)"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn direct_io_reads_and_writes_unaligned_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let ep = match FileEndpoint::open_destination(&path, Some(3 * 4096 + 100), true) {
+            Ok(ep) => ep,
+            // Some filesystems (tmpfs) refuse O_DIRECT; the error must say so.
+            Err(e) => {
+                assert!(e.cause.contains("O_DIRECT"), "{e}");
+                return;
+            }
+        };
+        ep.write(0, Bytes::from(vec![3u8; 8192])).await.unwrap();
+        ep.write(12288, Bytes::from(vec![4u8; 100])).await.unwrap();
+        let back = ep.read(0, 3 * 4096 + 100).await.unwrap();
+        assert!(back[..8192].iter().all(|b| *b == 3));
+        assert!(back[8192..12288].iter().all(|b| *b == 0));
+        assert!(back[12288..].iter().all(|b| *b == 4));
+    }
+}
