@@ -195,6 +195,11 @@ pub trait Endpoint: Send + Sync {
         Box::pin(async move { Ok(vec![Extent::data(offset, len)]) })
     }
     fn flush(&self) -> BoxFut<'_, ()>;
+    /// Sets the final size of a destination whose size was unknown when it was opened (a
+    /// stream was copied into it). Endpoints of fixed size ignore it.
+    fn set_size(&self, _size: u64) -> BoxFut<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Releases the endpoint (soft disconnect, child process stop). Idempotent.
     fn close(&self) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })

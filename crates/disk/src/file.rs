@@ -54,7 +54,11 @@ impl FileEndpoint {
 
     /// Opens (or creates) a destination. A regular file is truncated to `size` when given, so
     /// it is known to read as zeroes; a block device is used as it is.
-    pub fn open_destination(path: &Path, size: Option<u64>, direct: bool) -> Result<Self, DiskError> {
+    pub fn open_destination(
+        path: &Path,
+        size: Option<u64>,
+        direct: bool,
+    ) -> Result<Self, DiskError> {
         let name = path.display().to_string();
         let open = |create: bool| {
             let mut o = OpenOptions::new();
@@ -66,19 +70,20 @@ impl FileEndpoint {
         };
         let (file, created) = match open(false) {
             Ok(f) => (f, false),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (open(true).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?, true)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                open(true).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?,
+                true,
+            ),
             Err(e) => return Err(DiskError::from_io(&name, Op::Open, &e)),
         };
         let meta = file
             .metadata()
             .map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
         let mut truncated = created;
-        if meta.file_type().is_file()
-            && let Some(size) = size
-        {
-            // Truncating to 0 first discards old blocks, so the file then reads as zeroes.
+        if meta.file_type().is_file() {
+            // Truncating to 0 first discards old blocks, so the file then reads as zeroes. A
+            // stream's size is unknown: the file grows, and set_size fixes it at the end.
+            let size = size.unwrap_or(0);
             file.set_len(0)
                 .and_then(|_| file.set_len(size))
                 .map_err(|e| DiskError::from_io(&name, Op::Open, &e).at(0, size))?;
@@ -156,13 +161,19 @@ impl FileEndpoint {
 }
 
 fn aligned(offset: u64, len: usize, ptr: *const u8) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && (ptr as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && len.is_multiple_of(DIRECT_ALIGN)
+        && (ptr as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 impl Inner {
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
         // Over-allocate so an aligned window exists for O_DIRECT; the slice keeps it.
-        let extra = if self.direct.is_some() { DIRECT_ALIGN } else { 0 };
+        let extra = if self.direct.is_some() {
+            DIRECT_ALIGN
+        } else {
+            0
+        };
         let mut buf = vec![0u8; len + extra];
         let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
         let start = if extra == 0 { 0 } else { start };
@@ -186,7 +197,10 @@ impl Inner {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         match &self.direct {
             Some(d) if aligned(offset, data.len(), data.as_ptr()) => d.write_all_at(data, offset),
-            Some(d) if offset % DIRECT_ALIGN as u64 == 0 && data.len() % DIRECT_ALIGN == 0 => {
+            Some(d)
+                if offset.is_multiple_of(DIRECT_ALIGN as u64)
+                    && data.len().is_multiple_of(DIRECT_ALIGN) =>
+            {
                 // Aligned range, unaligned buffer: copy into an aligned one.
                 let mut buf = vec![0u8; data.len() + DIRECT_ALIGN];
                 let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
@@ -253,7 +267,10 @@ impl Inner {
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> std::io::Result<()> {
         if self.block_device {
-            if offset % 512 == 0 && len % 512 == 0 && self.attempt(NO_BLKZEROOUT, || self.blkzeroout(offset, len))? {
+            if offset.is_multiple_of(512)
+                && len.is_multiple_of(512)
+                && self.attempt(NO_BLKZEROOUT, || self.blkzeroout(offset, len))?
+            {
                 return Ok(());
             }
         } else {
@@ -309,7 +326,9 @@ impl Endpoint for FileEndpoint {
     }
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()> {
-        Box::pin(self.blocking(Op::Zero, offset, len, move |i| i.zero(offset, len, allocate)))
+        Box::pin(self.blocking(Op::Zero, offset, len, move |i| {
+            i.zero(offset, len, allocate)
+        }))
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
@@ -320,6 +339,16 @@ impl Endpoint for FileEndpoint {
 
     fn flush(&self) -> BoxFut<'_, ()> {
         Box::pin(self.blocking(Op::Flush, 0, 0, |i| i.file.sync_data()))
+    }
+
+    fn set_size(&self, size: u64) -> BoxFut<'_, ()> {
+        Box::pin(self.blocking(Op::Write, size, 0, move |i| {
+            if i.block_device {
+                Ok(())
+            } else {
+                i.file.set_len(size)
+            }
+        }))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod file_extents;
 pub mod nbd;
 pub mod null;
 pub mod pipe;
+pub mod subprocess;
 
 pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op};
 pub use extents::Extent;

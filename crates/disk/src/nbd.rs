@@ -29,7 +29,12 @@ impl NbdEndpoint {
         extents: bool,
     ) -> Result<Self, DiskError> {
         let mut opts = opts.clone();
-        if extents && !opts.meta_contexts.iter().any(|c| c == CONTEXT_BASE_ALLOCATION) {
+        if extents
+            && !opts
+                .meta_contexts
+                .iter()
+                .any(|c| c == CONTEXT_BASE_ALLOCATION)
+        {
             opts.meta_contexts.push(CONTEXT_BASE_ALLOCATION.into());
         }
         let client = Client::connect(&opts, connections.max(1))

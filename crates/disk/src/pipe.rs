@@ -34,9 +34,17 @@ impl PipeEndpoint {
     pub fn stdout() -> Result<Self, DiskError> {
         use std::io::IsTerminal;
         if std::io::stdout().is_terminal() {
-            return Err(DiskError::new("-", Op::Open, "refusing to write to a terminal"));
+            return Err(DiskError::new(
+                "-",
+                Op::Open,
+                "refusing to write to a terminal",
+            ));
         }
-        Ok(Self::new("-", Stream::Writer(Box::new(std::io::stdout())), false))
+        Ok(Self::new(
+            "-",
+            Stream::Writer(Box::new(std::io::stdout())),
+            false,
+        ))
     }
 
     /// A pipe, socket or character device opened by path.
@@ -64,7 +72,6 @@ impl PipeEndpoint {
             turn: watch::channel(0).0,
         }
     }
-
 }
 
 /// Turn value once a source stream has ended.

@@ -78,3 +78,41 @@ impl NbdArgs {
         }
     }
 }
+
+/// Commands written as `[ CMD ARGS … ]` on the command line, in order.
+static SUBPROCESSES: std::sync::OnceLock<Vec<Vec<String>>> = std::sync::OnceLock::new();
+/// Placeholder that stands for a bracketed command in the arguments clap sees. A NUL byte can
+/// never occur in a real argument, so it cannot collide with a path.
+const PLACEHOLDER: &str = "\0ferry-command:";
+
+/// Replaces each `[ CMD ARGS … ]` group with a placeholder word and remembers the commands.
+/// An unterminated group is left alone for clap to reject.
+pub fn extract_subprocesses(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut commands = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "["
+            && let Some(len) = args[i + 1..].iter().position(|a| a == "]")
+        {
+            let argv: Vec<String> = args[i + 1..i + 1 + len]
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            out.push(format!("{PLACEHOLDER}{}", commands.len()).into());
+            commands.push(argv);
+            i += len + 2;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    let _ = SUBPROCESSES.set(commands);
+    out
+}
+
+/// The command a placeholder word stands for.
+pub fn subprocess_argv(word: &str) -> Option<Vec<String>> {
+    let n: usize = word.strip_prefix(PLACEHOLDER)?.parse().ok()?;
+    SUBPROCESSES.get()?.get(n).cloned()
+}

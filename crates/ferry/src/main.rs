@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the operation failed (I/O, protocol, server error); 2 usage error
 //! (bad arguments, malformed URI).
 
+mod copy_cmd;
 mod demo;
 mod endpoint;
 mod human;
@@ -33,6 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy a disk image between files, block devices, NBD servers, pipes, `null:` and
+    /// socket-activated servers (`[ qemu-nbd -f qcow2 disk.qcow2 ]`); nbdcopy-compatible.
+    Copy(copy_cmd::CopyArgs),
     /// Show what an NBD server (or a local file) offers: size, block sizes, flags, contexts.
     Info(info::InfoArgs),
     /// Print the extents (data, zero, hole) of an NBD export or a local file.
@@ -66,7 +70,9 @@ pub fn usage(msg: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(endpoint::extract_subprocesses(
+        std::env::args_os().collect(),
+    ));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -74,10 +80,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Copy(args) = &cli.command
+        && args.threads > 0
     {
+        builder.worker_threads(args.threads as usize);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");
@@ -86,6 +95,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Copy(args) => copy_cmd::run(args).await,
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Demo(args) => demo::run(args).await,

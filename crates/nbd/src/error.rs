@@ -103,7 +103,11 @@ impl Error {
                 message,
                 error_offset,
                 ..
-            } => format!("{}{}", errno_text(*errno), error_detail(message, *error_offset)),
+            } => format!(
+                "{}{}",
+                errno_text(*errno),
+                error_detail(message, *error_offset)
+            ),
             other => other.to_string(),
         }
     }

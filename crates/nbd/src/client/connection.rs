@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -114,6 +114,8 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// Set once the connection is dead; every later request fails with it.
     failed: Option<Error>,
+    /// When `pending` last went from empty to non-empty: a stall is only counted from here.
+    busy_since: Instant,
 }
 
 struct Shared {
@@ -141,6 +143,18 @@ impl Shared {
 
     fn in_flight(&self) -> usize {
         self.lock().pending.len()
+    }
+
+    /// How much longer an idle reader may wait: `timeout` when nothing is in flight, what is
+    /// left of it since the connection became busy otherwise, None once that is used up.
+    fn idle_wait(&self, timeout: Duration) -> Option<Duration> {
+        let state = self.lock();
+        if state.pending.is_empty() {
+            return Some(timeout);
+        }
+        timeout
+            .checked_sub(state.busy_since.elapsed())
+            .filter(|left| !left.is_zero())
     }
 
     /// Marks the connection dead and fails every request in flight.
@@ -226,6 +240,7 @@ impl Connection {
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 failed: None,
+                busy_since: Instant::now(),
             }),
             next_cookie: AtomicU64::new(1),
         });
@@ -312,6 +327,9 @@ impl Connection {
             let mut state = inner.shared.lock();
             if let Some(err) = &state.failed {
                 return Err(err.clone());
+            }
+            if state.pending.is_empty() {
+                state.busy_since = Instant::now();
             }
             state.pending.insert(cookie, pending);
         }
@@ -457,11 +475,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     /// Fills `buf` completely. While `idle_ok` and nothing is in flight, silence is fine; otherwise
-    /// `timeout` without a byte is a stall. Uses `read`, which is cancel-safe, under the timeout.
+    /// `timeout` without a byte is a stall (for an idle wait, counted from when the first request
+    /// went out, not from when the wait began). Uses `read`, which is cancel-safe, under the timeout.
     async fn fill(&mut self, buf: &mut [u8], idle_ok: bool, what: &str) -> Result<bool> {
         let mut got = 0;
+        let mut idle_wait = self.timeout;
         while got < buf.len() {
-            match tokio::time::timeout(self.timeout, self.rd.read(&mut buf[got..])).await {
+            let wait = if got == 0 && idle_ok {
+                idle_wait
+            } else {
+                self.timeout
+            };
+            match tokio::time::timeout(wait, self.rd.read(&mut buf[got..])).await {
                 Ok(Ok(0)) if got == 0 && idle_ok => return Ok(false),
                 Ok(Ok(0)) => {
                     return Err(Error::Closed(format!(
@@ -470,18 +495,23 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
                 Ok(Ok(n)) => got += n,
                 Ok(Err(e)) => return Err(Error::io(format!("reading {what}"), e)),
-                Err(_) if got == 0 && idle_ok && self.shared.in_flight() == 0 => {}
-                Err(_) => {
-                    return Err(Error::Timeout(format!(
-                        "the server sent nothing for {} s while {} requests were in flight \
-                         (waiting for {what})",
-                        self.timeout.as_secs_f64(),
-                        self.shared.in_flight()
-                    )));
-                }
+                Err(_) if got == 0 && idle_ok => match self.shared.idle_wait(self.timeout) {
+                    Some(left) => idle_wait = left,
+                    None => return Err(self.stalled(what)),
+                },
+                Err(_) => return Err(self.stalled(what)),
             }
         }
         Ok(true)
+    }
+
+    fn stalled(&self, what: &str) -> Error {
+        Error::Timeout(format!(
+            "the server sent nothing for {} s while {} requests were in flight \
+             (waiting for {what})",
+            self.timeout.as_secs_f64(),
+            self.shared.in_flight()
+        ))
     }
 
     async fn read_replies(&mut self) -> Result<()> {

@@ -17,6 +17,9 @@ use crate::proto::{
 
 /// Longest option reply accepted: two 4096-byte strings and their framing fit comfortably.
 const MAX_OPTION_REPLY_LEN: u32 = 64 * 1024;
+/// Most replies accepted for one option (exports listed, contexts, infos): far above any real
+/// server, low enough that a server that never sends the final reply cannot exhaust memory.
+const MAX_OPTION_REPLIES: usize = 16 * 1024;
 
 /// Everything the handshake established about the export and the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +160,12 @@ impl Handshake {
             let reply = OptionReply::decode(header.reply_type, &data)?;
             let last = !multi || matches!(reply, OptionReply::Ack | OptionReply::Error { .. });
             replies.push(reply);
+            if replies.len() > MAX_OPTION_REPLIES {
+                return Err(Error::Protocol(format!(
+                    "server sent over {MAX_OPTION_REPLIES} replies to {} without a final one",
+                    option_name(request.option)
+                )));
+            }
             if last {
                 return Ok(replies);
             }

@@ -1,0 +1,407 @@
+//! The scheduler: shared work cursor, per-worker pipelines, first-error-stops, final flush.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use disk::{DiskError, Endpoint, Extent};
+use futures_util::StreamExt;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+
+use crate::plan::{Step, needs_zeroing, plan};
+use crate::sparse;
+use crate::{Cancel, CopyError, CopyOptions, DestinationZero, Job, Progress, Stats};
+
+/// Source offset not yet known to be past the end (streams learn their size by reading).
+const UNKNOWN_END: u64 = u64::MAX;
+
+struct Shared {
+    src: Arc<dyn Endpoint>,
+    dst: Arc<dyn Endpoint>,
+    opts: CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Cancel,
+    /// Next unassigned source offset.
+    cursor: AtomicU64,
+    /// End of the source: its size, or where a stream ended once found.
+    end: AtomicU64,
+    work_size: u64,
+    /// Destination ranges need no zeroing at all.
+    dst_zero: bool,
+    /// Ask the destination's extents which zero ranges need work.
+    dst_extents: bool,
+    first_error: Mutex<Option<CopyError>>,
+    read: AtomicU64,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.cancel.is_cancelled()
+            || self
+                .first_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
+    fn fail(&self, err: CopyError) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(err);
+        }
+    }
+
+    fn next_range(&self) -> Option<(u64, u64)> {
+        let start = self.cursor.fetch_add(self.work_size, Ordering::Relaxed);
+        let end = self.end.load(Ordering::Relaxed);
+        if start >= end {
+            return None;
+        }
+        Some((start, start.saturating_add(self.work_size).min(end)))
+    }
+}
+
+/// Copies `job.src` to `job.dst`. `progress` is advanced as work completes; `cancel` stops it.
+pub async fn copy(
+    job: Job,
+    opts: CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Cancel,
+) -> Result<Stats, CopyError> {
+    let started = Instant::now();
+    let (src, dst) = (job.src, job.dst);
+    let dst_caps = dst.caps().clone();
+    if dst_caps.read_only {
+        return Err(CopyError::ReadOnly(dst.name().to_string()));
+    }
+    let src_size = src.caps().size;
+    if let (Some(s), Some(d)) = (src_size, dst_caps.size)
+        && s > d
+    {
+        return Err(CopyError::DestinationTooSmall { src: s, dst: d });
+    }
+    // Streams (and endpoints that need strict order) get one worker; its pipeline still keeps
+    // many requests queued.
+    let sequential = src.caps().sequential || dst_caps.sequential;
+    let workers = if sequential { 1 } else { opts.workers.max(1) };
+    let work_size = match src_size {
+        // Small images: ranges small enough that every worker gets some.
+        Some(size) => {
+            let share = size.div_ceil(workers as u64 * 4);
+            let unit = opts.src_request.max(1);
+            share
+                .div_ceil(unit)
+                .max(1)
+                .saturating_mul(unit)
+                .min(opts.work_size.max(unit))
+        }
+        None => opts.work_size,
+    };
+
+    let (dst_zero, how) = if opts.destination_is_zero {
+        (true, DestinationZero::Asserted)
+    } else if opts.allocated || sequential {
+        (false, DestinationZero::Unknown)
+    } else if dst_caps.known_zero {
+        (true, DestinationZero::Known)
+    } else if let Some(size) = src_size.filter(|s| *s > 0 && dst_caps.fast_zero) {
+        if dst.fast_zero(0, size).await? {
+            (true, DestinationZero::FastZeroed)
+        } else if dst_caps.extents {
+            (false, DestinationZero::Extents)
+        } else {
+            (false, DestinationZero::Unknown)
+        }
+    } else if dst_caps.extents {
+        (false, DestinationZero::Extents)
+    } else {
+        (false, DestinationZero::Unknown)
+    };
+    tracing::debug!(?how, workers, work_size, "copy starts");
+
+    let shared = Arc::new(Shared {
+        src,
+        dst,
+        opts,
+        progress,
+        cancel,
+        cursor: AtomicU64::new(0),
+        end: AtomicU64::new(src_size.unwrap_or(UNKNOWN_END)),
+        work_size,
+        dst_zero,
+        dst_extents: how == DestinationZero::Extents,
+        first_error: Mutex::new(None),
+        read: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        zeroed: AtomicU64::new(0),
+        skipped: AtomicU64::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let shared = shared.clone();
+        tasks.spawn(async move { Worker::new(&shared).run().await });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            shared.fail(CopyError::Broken(format!("a copy worker failed: {e}")));
+        }
+    }
+    if let Some(err) = shared
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(err);
+    }
+    if shared.cancel.is_cancelled() {
+        return Err(CopyError::Cancelled);
+    }
+    let size = shared.end.load(Ordering::Relaxed);
+    if src_size.is_none() {
+        shared.dst.set_size(size).await?;
+        shared.progress.set_size(size.max(1));
+    }
+    if shared.opts.flush {
+        shared.dst.flush().await?;
+    }
+    Ok(Stats {
+        size,
+        bytes_read: shared.read.load(Ordering::Relaxed),
+        bytes_written: shared.written.load(Ordering::Relaxed),
+        bytes_zeroed: shared.zeroed.load(Ordering::Relaxed),
+        bytes_skipped: shared.skipped.load(Ordering::Relaxed),
+        workers,
+        destination_zero: how,
+        elapsed: started.elapsed(),
+    })
+}
+
+type ReadFut<'a> = Pin<Box<dyn Future<Output = (u64, u64, Result<Bytes, DiskError>)> + Send + 'a>>;
+/// A destination operation; resolves to the budget bytes it releases.
+type WriteFut<'a> = Pin<Box<dyn Future<Output = Result<u64, DiskError>> + Send + 'a>>;
+
+/// One pipeline: reads in FIFO order, writes and zeroes unordered, within the worker's budget.
+struct Worker<'a> {
+    shared: &'a Shared,
+    src: &'a dyn Endpoint,
+    dst: &'a dyn Endpoint,
+    reads: FuturesOrdered<ReadFut<'a>>,
+    writes: FuturesUnordered<WriteFut<'a>>,
+    ops: usize,
+    bytes: u64,
+    /// Destination extents of the current work range, when asked for.
+    dst_map: Vec<Extent>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(shared: &'a Arc<Shared>) -> Self {
+        Worker {
+            shared,
+            src: &*shared.src,
+            dst: &*shared.dst,
+            reads: FuturesOrdered::new(),
+            writes: FuturesUnordered::new(),
+            ops: 0,
+            bytes: 0,
+            dst_map: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        if let Err(e) = self.copy_ranges().await {
+            self.shared.fail(e);
+        }
+        // Drain: whatever is in flight finishes (or fails) before the worker ends.
+        while self.ops > 0 {
+            if let Err(e) = self.complete_one().await {
+                self.shared.fail(e);
+            }
+        }
+    }
+
+    async fn copy_ranges(&mut self) -> Result<(), CopyError> {
+        let opts = &self.shared.opts;
+        while let Some((start, end)) = self.shared.next_range() {
+            if self.shared.stopped() {
+                return Ok(());
+            }
+            let len = end - start;
+            let extents = if opts.extents && self.src.caps().extents {
+                let ext = self.src.extents(start, len).await?;
+                check_coverage(self.src.name(), &ext, start, end)?;
+                ext
+            } else {
+                vec![Extent::data(start, len)]
+            };
+            self.dst_map = if self.shared.dst_extents {
+                self.dst.extents(start, len).await?
+            } else {
+                Vec::new()
+            };
+            let zero_align = self.dst.caps().min_block.max(1);
+            for step in plan(&extents, start, end, opts.src_request.max(1), zero_align) {
+                if self.shared.stopped() {
+                    return Ok(());
+                }
+                let need = match step {
+                    Step::Read { len, .. } => len,
+                    Step::Zero { .. } => 0,
+                };
+                while self.ops > 0
+                    && (self.ops >= opts.requests.max(1) || self.bytes + need > opts.queue_bytes)
+                {
+                    self.complete_one().await?;
+                }
+                match step {
+                    Step::Read { offset, len } => {
+                        if offset >= self.shared.end.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let src = self.src;
+                        self.reads.push_back(Box::pin(async move {
+                            (offset, len, src.read(offset, len).await)
+                        }));
+                        self.ops += 1;
+                        self.bytes += len;
+                    }
+                    Step::Zero { offset, len } => self.zero(offset, len),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the next completion: the oldest read (FIFO) or any write.
+    async fn complete_one(&mut self) -> Result<(), CopyError> {
+        tokio::select! {
+            Some((offset, len, result)) = self.reads.next(), if !self.reads.is_empty() => {
+                self.ops -= 1;
+                match result {
+                    Ok(data) => self.dispatch(offset, len, data),
+                    Err(e) => {
+                        self.bytes -= len;
+                        Err(e.into())
+                    }
+                }
+            }
+            Some(result) = self.writes.next(), if !self.writes.is_empty() => {
+                self.ops -= 1;
+                let released = result?;
+                self.bytes -= released;
+                Ok(())
+            }
+        }
+    }
+
+    /// Turns a completed read into writes and zeroes.
+    fn dispatch(&mut self, offset: u64, len: u64, data: Bytes) -> Result<(), CopyError> {
+        let got = data.len() as u64;
+        self.shared.read.fetch_add(got, Ordering::Relaxed);
+        if got < len {
+            if self.src.caps().size.is_some() {
+                self.bytes -= len;
+                return Err(DiskError::new(
+                    self.src.name(),
+                    disk::Op::Read,
+                    format!("short read: {got} of {len} bytes"),
+                )
+                .at(offset, len)
+                .into());
+            }
+            // A stream ended here.
+            self.shared.end.fetch_min(offset + got, Ordering::Relaxed);
+        }
+        // Budget bytes of the read beyond what arrived are released now.
+        self.bytes -= len - got;
+        let opts = &self.shared.opts;
+        let pieces = if opts.sparse > 0 && !opts.allocated {
+            sparse::split(&data, offset, opts.sparse as usize)
+        } else {
+            vec![sparse::Piece {
+                start: 0,
+                len: data.len(),
+                zero: false,
+            }]
+        };
+        for piece in pieces {
+            let at = offset + piece.start as u64;
+            if piece.zero {
+                self.bytes -= piece.len as u64;
+                self.zero(at, piece.len as u64);
+                continue;
+            }
+            let chunk = data.slice(piece.start..piece.start + piece.len);
+            let step = opts.dst_request.max(1) as usize;
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let n = step.min(chunk.len() - pos);
+                let slice = chunk.slice(pos..pos + n);
+                let (dst, shared) = (self.dst, self.shared);
+                let w_at = at + pos as u64;
+                self.writes.push(Box::pin(async move {
+                    dst.write(w_at, slice).await?;
+                    shared.written.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.progress.add(n as u64);
+                    Ok(n as u64)
+                }));
+                self.ops += 1;
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes [offset, offset+len) on the destination unless it already reads as zero.
+    fn zero(&mut self, offset: u64, len: u64) {
+        let shared = self.shared;
+        if shared.dst_zero {
+            shared.skipped.fetch_add(len, Ordering::Relaxed);
+            shared.progress.add(len);
+            return;
+        }
+        let parts = if shared.dst_extents {
+            needs_zeroing(offset, len, &self.dst_map)
+        } else {
+            vec![(offset, len)]
+        };
+        let work: u64 = parts.iter().map(|(_, l)| l).sum();
+        shared.skipped.fetch_add(len - work, Ordering::Relaxed);
+        shared.progress.add(len - work);
+        let allocate = shared.opts.allocated;
+        for (at, n) in parts {
+            let dst = self.dst;
+            self.writes.push(Box::pin(async move {
+                dst.zero(at, n, allocate).await?;
+                shared.zeroed.fetch_add(n, Ordering::Relaxed);
+                shared.progress.add(n);
+                Ok(0)
+            }));
+            self.ops += 1;
+        }
+    }
+}
+
+/// Extents must cover the work range exactly; a server that says less is broken.
+fn check_coverage(name: &str, extents: &[Extent], start: u64, end: u64) -> Result<(), CopyError> {
+    let mut pos = start;
+    for e in extents {
+        if e.offset != pos || e.length == 0 {
+            break;
+        }
+        pos = e.end();
+    }
+    if pos < end {
+        return Err(CopyError::Broken(format!(
+            "{name}: extents cover only [{start}, {pos}) of [{start}, {end}); \
+             try --no-extents as a workaround"
+        )));
+    }
+    Ok(())
+}

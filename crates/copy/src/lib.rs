@@ -1,0 +1,133 @@
+//! The copy engine. It plans work from the source's extents, reads data in the source's request
+//! size with many requests in flight, keeps completed reads in FIFO order, detects zero blocks
+//! in what it read, and writes data, zeroes holes (or skips them where the destination already
+//! reads as zero) in the destination's request size. Memory is bounded by per-worker queue
+//! limits whatever the image size. The first error stops the copy; work in flight is drained
+//! and the error names the endpoint, operation, offset and length.
+
+mod engine;
+pub mod plan;
+pub mod progress;
+pub mod sparse;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use disk::{DiskError, Endpoint};
+
+pub use engine::copy;
+pub use progress::Progress;
+
+/// nbdcopy's work-range size: the unit workers take from the shared cursor.
+pub const DEFAULT_WORK_SIZE: u64 = 128 << 20;
+
+/// Resolved settings of one copy (the CLI derives them from nbdcopy-compatible flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Largest read from the source.
+    pub src_request: u64,
+    /// Largest write to the destination.
+    pub dst_request: u64,
+    /// Requests in flight per worker (reads, writes and zeroes together).
+    pub requests: usize,
+    /// Concurrent workers, each with its own pipeline.
+    pub workers: usize,
+    /// Bytes of data in flight per worker.
+    pub queue_bytes: u64,
+    /// Zero-detection block size for data read; 0 turns detection off.
+    pub sparse: u64,
+    /// Keep every zero range allocated on the destination.
+    pub allocated: bool,
+    /// The user asserts the destination reads as zeroes.
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end.
+    pub flush: bool,
+    /// Use the source's extents (off: read everything).
+    pub extents: bool,
+    pub work_size: u64,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            src_request: 256 << 10,
+            dst_request: 256 << 10,
+            requests: 64,
+            workers: 4,
+            queue_bytes: 16 << 20,
+            sparse: 4096,
+            allocated: false,
+            destination_is_zero: false,
+            flush: false,
+            extents: true,
+            work_size: DEFAULT_WORK_SIZE,
+        }
+    }
+}
+
+/// How the engine learned that destination ranges need no zeroing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationZero {
+    /// The user said so (`--destination-is-zero`).
+    Asserted,
+    /// The endpoint knows it (a freshly truncated file, `null:`).
+    Known,
+    /// A fast zero of the whole range succeeded (NBD FAST_ZERO).
+    FastZeroed,
+    /// Checked per work range from the destination's own extents.
+    Extents,
+    /// Nothing known: every zero range is zeroed.
+    Unknown,
+}
+
+/// What a finished copy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes copied in all (the source size).
+    pub size: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Bytes zeroed on the destination with zero requests.
+    pub bytes_zeroed: u64,
+    /// Zero bytes that needed no work because the destination already read as zero.
+    pub bytes_skipped: u64,
+    pub workers: usize,
+    pub destination_zero: DestinationZero,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("destination size ({dst}) is smaller than source size ({src})")]
+    DestinationTooSmall { src: u64, dst: u64 },
+    #[error("{0}: the destination is read-only, cannot write to it")]
+    ReadOnly(String),
+    #[error("{0}")]
+    Broken(String),
+    #[error("copy interrupted")]
+    Cancelled,
+}
+
+/// Stops a running copy from outside (Ctrl-C): no new work is issued, work in flight drains,
+/// and the copy returns [`CopyError::Cancelled`].
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A copy's two endpoints.
+pub struct Job {
+    pub src: Arc<dyn Endpoint>,
+    pub dst: Arc<dyn Endpoint>,
+}

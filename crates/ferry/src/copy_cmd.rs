@@ -1,0 +1,407 @@
+//! `ferry copy SRC DST`: nbdcopy's command line (same option names, defaults and meanings) plus
+//! ferry's additions, validated into [`copy::CopyOptions`] and endpoints, then one library call.
+
+use std::io::IsTerminal;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use copy::progress::{self, Style};
+use copy::{Cancel, CopyOptions, Job, Progress};
+use disk::Endpoint;
+use disk::file::FileEndpoint;
+use disk::nbd::NbdEndpoint;
+use disk::null::NullEndpoint;
+use disk::pipe::PipeEndpoint;
+use disk::subprocess::SubprocessEndpoint;
+
+use crate::endpoint::{NbdArgs, subprocess_argv};
+use crate::{Failure, human, usage};
+
+#[derive(clap::Args, Debug)]
+#[command(
+    version,
+    after_help = "SRC and DST: FILE | DEVICE | NBD-URI | - (stdin/stdout) | [ CMD ARGS ... ] \
+                  (an NBD server started with socket activation); DST may also be null:.\n\
+                  Sizes accept K, M, G suffixes (powers of 1024)."
+)]
+pub struct CopyArgs {
+    pub source: String,
+    pub destination: String,
+    /// Maximum request size (power of 2, 4096 to 32M); sets both sides unless they are set.
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub request_size: Option<u64>,
+    /// Read requests size of the source (default per endpoint: 256K for NBD and files).
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub src_request_size: Option<u64>,
+    /// Write requests size of the destination (default per endpoint).
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub dst_request_size: Option<u64>,
+    /// Maximum requests in flight per connection.
+    #[arg(short = 'R', long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Maximum connections to each NBD server (more than one only with multi-conn); also the
+    /// number of copy pipelines.
+    #[arg(short = 'C', long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connections: u64,
+    /// Worker threads (0: one per CPU).
+    #[arg(short = 'T', long, value_name = "N", default_value_t = 0)]
+    pub threads: u64,
+    /// Maximum bytes in flight per pipeline.
+    #[arg(long, value_name = "N", default_value = "16M", value_parser = parse_size)]
+    pub queue_size: u64,
+    /// Zero-detection block size for data read (0 turns it off; else a power of 2 >= 512).
+    #[arg(short = 'S', long, value_name = "N", default_value = "4096", value_parser = parse_size)]
+    pub sparse: u64,
+    /// Make the destination fully allocated: zeroes are written allocated, not punched.
+    #[arg(long)]
+    pub allocated: bool,
+    /// Assume the destination reads as zeroes and skip zero ranges (unsafe if it does not).
+    #[arg(long, visible_alias = "target-is-zero")]
+    pub destination_is_zero: bool,
+    /// Flush the destination at the end.
+    #[arg(long)]
+    pub flush: bool,
+    /// Ignore the source's extents and read everything.
+    #[arg(long)]
+    pub no_extents: bool,
+    /// Progress: a bar on stderr (-p, --progress), N/100 lines on a file descriptor
+    /// (--progress=FD), or JSON lines on stderr (--progress=json).
+    #[arg(short = 'p', long, value_name = "FD|json", num_args = 0..=1, require_equals = true, default_missing_value = "bar")]
+    pub progress: Option<String>,
+    /// One request at a time, one pipeline.
+    #[arg(long)]
+    pub synchronous: bool,
+    /// O_DIRECT for local files and block devices.
+    #[arg(long)]
+    pub direct: bool,
+    /// Print what was chosen and what was done.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
+}
+
+/// `4096`, `256k`, `4M`, `1G` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(format!("could not parse: {s}")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("could not parse: {s}"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("too large: {s}"))
+}
+
+fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
+    match v {
+        Some(n) if !n.is_power_of_two() || !(4096..=32 << 20).contains(&n) => Err(usage(format!(
+            "--{flag}: must be a power of 2 within 4096-33554432"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// How a command-line word names an endpoint.
+enum Spec {
+    Nbd(nbd::uri::NbdUri),
+    Stdio,
+    Null,
+    Command(Vec<String>),
+    Path(PathBuf),
+}
+
+fn spec(word: &str) -> Result<Spec, Failure> {
+    if let Some(argv) = subprocess_argv(word) {
+        return Ok(Spec::Command(argv));
+    }
+    if word == "-" {
+        return Ok(Spec::Stdio);
+    }
+    if word == "null:" {
+        return Ok(Spec::Null);
+    }
+    match crate::endpoint::Target::parse(word)? {
+        crate::endpoint::Target::Nbd(uri) => Ok(Spec::Nbd(uri)),
+        crate::endpoint::Target::File(path) => Ok(Spec::Path(path)),
+    }
+}
+
+struct Opened {
+    endpoint: Arc<dyn Endpoint>,
+}
+
+async fn open(
+    spec: Spec,
+    args: &CopyArgs,
+    source: bool,
+    source_size: Option<u64>,
+) -> Result<Opened, Failure> {
+    let connections = if args.synchronous {
+        1
+    } else {
+        args.connections as usize
+    };
+    let extents = source && !args.no_extents;
+    let with_requests = |mut opts: nbd::ConnectOptions| {
+        opts.max_in_flight = (args.requests as usize).max(1) * 2;
+        opts
+    };
+    let endpoint: Arc<dyn Endpoint> = match spec {
+        Spec::Nbd(uri) => {
+            let opts = with_requests(args.nbd.connect_options(&uri)?);
+            // The destination's extents let the engine skip zeroing what already reads as zero.
+            let want_extents = extents || !source;
+            Arc::new(
+                NbdEndpoint::connect(&uri.to_string(), &opts, connections, want_extents).await?,
+            )
+        }
+        Spec::Command(argv) => {
+            let template = nbd::ConnectOptions::new(
+                nbd::uri::Transport::Unix {
+                    path: PathBuf::new(),
+                },
+                "",
+            );
+            let mut opts = with_requests(template);
+            opts.timeout = std::time::Duration::from_secs(args.nbd.timeout.max(1));
+            Arc::new(SubprocessEndpoint::start(&argv, &opts, extents || !source).await?)
+        }
+        Spec::Null if source => return Err(usage("null: can only be a destination")),
+        Spec::Null => Arc::new(NullEndpoint::default()),
+        Spec::Stdio if source => Arc::new(PipeEndpoint::stdin()),
+        Spec::Stdio => Arc::new(PipeEndpoint::stdout()?),
+        Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
+    };
+    Ok(Opened { endpoint })
+}
+
+fn open_path(
+    path: &Path,
+    source: bool,
+    source_size: Option<u64>,
+    direct: bool,
+) -> Result<Arc<dyn Endpoint>, Failure> {
+    let name = path.display().to_string();
+    let stream = std::fs::metadata(path).ok().is_some_and(|m| {
+        let t = m.file_type();
+        t.is_fifo() || t.is_socket() || t.is_char_device()
+    });
+    if stream {
+        let file = std::fs::OpenOptions::new()
+            .read(source)
+            .write(!source)
+            .open(path)
+            .with_context(|| format!("opening {name}"))?;
+        return Ok(Arc::new(PipeEndpoint::from_file(&name, file, source)));
+    }
+    Ok(if source {
+        Arc::new(FileEndpoint::open_source(path, direct)?)
+    } else {
+        Arc::new(FileEndpoint::open_destination(path, source_size, direct)?)
+    })
+}
+
+/// Where progress reports go.
+fn progress_target(
+    arg: &Option<String>,
+) -> Result<Option<(Style, Box<dyn std::io::Write + Send>)>, Failure> {
+    let Some(value) = arg.as_deref() else {
+        return Ok(None);
+    };
+    Ok(Some(match value {
+        "bar" => (Style::Bar, Box::new(std::io::stderr())),
+        "json" => (Style::Json, Box::new(std::io::stderr())),
+        fd => {
+            let fd: i32 = fd
+                .parse()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| usage(format!("--progress: could not parse: {fd}")))?;
+            // Check the descriptor is open before taking it over.
+            // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(usage(format!(
+                    "--progress={fd}: file descriptor is not open"
+                )));
+            }
+            // SAFETY: the user handed this open descriptor to ferry for progress output; ferry
+            // uses it for nothing else and the File closes it at exit.
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            (Style::Percent, Box::new(file))
+        }
+    }))
+}
+
+pub async fn run(args: CopyArgs) -> Result<(), Failure> {
+    check_request_size("request-size", args.request_size)?;
+    check_request_size("src-request-size", args.src_request_size)?;
+    check_request_size("dst-request-size", args.dst_request_size)?;
+    if args.sparse != 0 && (!args.sparse.is_power_of_two() || args.sparse < 512) {
+        return Err(usage("--sparse: must be a power of 2 and >= 512"));
+    }
+    let progress_out = progress_target(&args.progress)?;
+    let src_spec = spec(&args.source)?;
+    let dst_spec = spec(&args.destination)?;
+
+    let src = open(src_spec, &args, true, None).await?.endpoint;
+    let src_size = src.caps().size;
+    let dst = match open(dst_spec, &args, false, src_size).await {
+        Ok(o) => o.endpoint,
+        Err(e) => {
+            let _ = src.close().await;
+            return Err(e);
+        }
+    };
+    let (sc, dc) = (src.caps().clone(), dst.caps().clone());
+
+    // Per-side request sizes: the user's, else the endpoint's default; never below what the
+    // endpoint prefers, never above what it accepts.
+    let src_request = args
+        .src_request_size
+        .or(args.request_size)
+        .unwrap_or(sc.default_request)
+        .max(sc.preferred_block.min(32 << 20))
+        .min(sc.max_request.max(sc.min_block));
+    let dst_request = args
+        .dst_request_size
+        .or(args.request_size)
+        .unwrap_or(dc.default_request.max(src_request))
+        .max(dc.preferred_block.min(32 << 20))
+        .min(dc.max_request.max(dc.min_block));
+    let synchronous = args.synchronous;
+    let opts = CopyOptions {
+        src_request,
+        dst_request,
+        requests: if synchronous {
+            1
+        } else {
+            args.requests as usize
+        },
+        workers: if synchronous {
+            1
+        } else {
+            args.connections as usize
+        },
+        queue_bytes: args.queue_size.max(src_request),
+        sparse: if args.sparse == 0 {
+            0
+        } else {
+            args.sparse.max(dc.preferred_block.min(1 << 20))
+        },
+        allocated: args.allocated,
+        destination_is_zero: args.destination_is_zero,
+        flush: args.flush,
+        extents: !args.no_extents,
+        work_size: copy::DEFAULT_WORK_SIZE,
+    };
+    if args.verbose {
+        eprintln!(
+            "ferry: source {} size {} preferred {} request {}",
+            src.name(),
+            sc.size.map_or("unknown".into(), |s| s.to_string()),
+            sc.preferred_block,
+            opts.src_request
+        );
+        eprintln!(
+            "ferry: destination {} size {} preferred {} request {}",
+            dst.name(),
+            dc.size.map_or("unknown".into(), |s| s.to_string()),
+            dc.preferred_block,
+            opts.dst_request
+        );
+        eprintln!(
+            "ferry: pipelines={} requests={} queue-size={} sparse={} synchronous={}",
+            opts.workers, opts.requests, opts.queue_bytes, opts.sparse, synchronous
+        );
+    }
+
+    let progress = Arc::new(Progress::new(src_size));
+    let cancel = Cancel::default();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
+    let reporter = progress_out.map(|(style, out)| {
+        let style = if style == Style::Bar && !std::io::stderr().is_terminal() {
+            // A bar redrawn with \r makes a mess in a log; fall back to percent lines.
+            Style::Percent
+        } else {
+            style
+        };
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress::report(&progress, style, out, async move {
+                done_rx.await.unwrap_or(false)
+            })
+            .await
+        })
+    });
+    let interrupt = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let job = Job {
+        src: src.clone(),
+        dst: dst.clone(),
+    };
+    let result = copy::copy(job, opts, progress.clone(), cancel).await;
+    interrupt.abort();
+    let _ = done_tx.send(result.is_ok());
+    if let Some(r) = reporter {
+        let _ = r.await;
+    }
+    let close_src = src.close().await;
+    let close_dst = dst.close().await;
+    let stats = result.map_err(anyhow::Error::from)?;
+    close_src?;
+    close_dst?;
+    if args.verbose {
+        let secs = stats.elapsed.as_secs_f64();
+        eprintln!(
+            "ferry: copied {} in {secs:.3} s ({}): read {}, wrote {}, zeroed {}, skipped {} \
+             (destination zeroes: {:?}), {} pipelines",
+            human::size(stats.size),
+            human::rate(stats.size, secs),
+            human::size(stats.bytes_read),
+            human::size(stats.bytes_written),
+            human::size(stats.bytes_zeroed),
+            human::size(stats.bytes_skipped),
+            stats.destination_zero,
+            stats.workers
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_like_nbdcopy_and_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256k"), Ok(256 << 10));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("4Q").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}
