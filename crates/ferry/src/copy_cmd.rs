@@ -217,10 +217,11 @@ fn open_path(
     })
 }
 
+/// A progress style and where its reports go.
+type ProgressOut = (Style, Box<dyn std::io::Write + Send>);
+
 /// Where progress reports go.
-fn progress_target(
-    arg: &Option<String>,
-) -> Result<Option<(Style, Box<dyn std::io::Write + Send>)>, Failure> {
+fn progress_target(arg: &Option<String>) -> Result<Option<ProgressOut>, Failure> {
     let Some(value) = arg.as_deref() else {
         return Ok(None);
     };
