@@ -10,6 +10,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::extents::Extent;
+pub use nbd::error::io_reason;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, DiskError>> + Send + 'a>>;
 
@@ -139,40 +140,6 @@ impl DiskError {
         e.errno = err.errno().map(|n| n as i32);
         e
     }
-}
-
-/// `No space left on device (ENOSPC)` rather than std's `(os error 28)`.
-pub fn io_reason(err: &std::io::Error) -> String {
-    let Some(code) = err.raw_os_error() else {
-        return err.to_string();
-    };
-    let name = match code {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EIO => "EIO",
-        libc::ENXIO => "ENXIO",
-        libc::EBADF => "EBADF",
-        libc::EACCES => "EACCES",
-        libc::EEXIST => "EEXIST",
-        libc::ENODEV => "ENODEV",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::EFBIG => "EFBIG",
-        libc::ENOSPC => "ENOSPC",
-        libc::EROFS => "EROFS",
-        libc::EPIPE => "EPIPE",
-        libc::EDQUOT => "EDQUOT",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        _ => return err.to_string(),
-    };
-    let text = err.to_string();
-    let text = text
-        .strip_suffix(&format!(" (os error {code})"))
-        .unwrap_or(&text);
-    format!("{text} ({name})")
 }
 
 /// One side of a copy. All methods may be called concurrently when `caps().concurrent`.

@@ -11,7 +11,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A socket or file operation failed; `context` says which.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", io_reason(source))]
     Io {
         context: String,
         #[source]
@@ -130,4 +130,38 @@ impl From<DecodeError> for Error {
     fn from(e: DecodeError) -> Self {
         Error::Protocol(e.to_string())
     }
+}
+
+/// `No space left on device (ENOSPC)` rather than std's `(os error 28)`.
+pub fn io_reason(err: &std::io::Error) -> String {
+    let Some(code) = err.raw_os_error() else {
+        return err.to_string();
+    };
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::EBADF => "EBADF",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::EPIPE => "EPIPE",
+        libc::EDQUOT => "EDQUOT",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        _ => return err.to_string(),
+    };
+    let text = err.to_string();
+    let text = text
+        .strip_suffix(&format!(" (os error {code})"))
+        .unwrap_or(&text);
+    format!("{text} ({name})")
 }
