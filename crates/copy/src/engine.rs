@@ -246,6 +246,8 @@ impl<'a> Worker<'a> {
                 Vec::new()
             };
             let zero_align = self.dst.caps().min_block.max(1);
+            let src_depth = self.src.caps().queue_depth.max(1);
+            let dst_depth = self.dst.caps().queue_depth.max(1);
             for step in plan(&extents, start, end, opts.src_request.max(1), zero_align) {
                 if self.shared.stopped() {
                     return Ok(());
@@ -255,7 +257,10 @@ impl<'a> Worker<'a> {
                     Step::Zero { .. } => 0,
                 };
                 while self.ops > 0
-                    && (self.ops >= opts.requests.max(1) || self.bytes + need > opts.queue_bytes)
+                    && (self.ops >= opts.requests.max(1)
+                        || self.bytes + need > opts.queue_bytes
+                        || self.reads.len() >= src_depth
+                        || self.writes.len() >= dst_depth)
                 {
                     self.complete_one().await?;
                 }

@@ -39,6 +39,9 @@ pub struct Caps {
     pub max_request: u64,
     /// Request size to use when the user does not choose one.
     pub default_request: u64,
+    /// Requests worth keeping in flight on this endpoint per pipeline: deep for network
+    /// endpoints (latency), shallow for local files, where more only costs memory.
+    pub queue_depth: usize,
     /// The whole endpoint is known to read as zeroes (a fresh or truncated file, `null:`).
     pub known_zero: bool,
 }
@@ -59,6 +62,7 @@ impl Caps {
             preferred_block: 4096,
             max_request: 32 << 20,
             default_request: 256 << 10,
+            queue_depth: 64,
             known_zero: false,
         }
     }

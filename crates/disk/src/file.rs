@@ -18,6 +18,10 @@ use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, zero_bytes};
 use crate::extents::Extent;
 use crate::file_extents::{file_extents, file_size};
 
+/// Requests in flight per pipeline: enough to overlap I/O with the other side; more only
+/// fills memory with buffers waiting for the same disk.
+const FILE_QUEUE_DEPTH: usize = 8;
+
 /// Alignment O_DIRECT needs for buffers, offsets and lengths on common devices.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -42,6 +46,9 @@ struct Inner {
 pub struct FileEndpoint {
     inner: Arc<Inner>,
     caps: Caps,
+    /// Buffered writes to one file serialise on the inode lock in the kernel; concurrent ones
+    /// only spin there. One at a time (several with O_DIRECT) keeps the CPU for real work.
+    write_gate: tokio::sync::Semaphore,
 }
 
 impl FileEndpoint {
@@ -124,6 +131,7 @@ impl FileEndpoint {
             None
         };
         let block_device = kind.is_block_device();
+        let direct_writes = direct.is_some();
         use std::os::unix::fs::MetadataExt;
         let preferred = (meta.blksize()).clamp(512, 1 << 20).next_power_of_two();
         let mut caps = Caps::random_access(size);
@@ -131,6 +139,7 @@ impl FileEndpoint {
         caps.efficient_zero = true;
         caps.flush = true;
         caps.preferred_block = preferred;
+        caps.queue_depth = FILE_QUEUE_DEPTH;
         caps.known_zero = known_zero;
         caps.read_only = !writable;
         Ok(FileEndpoint {
@@ -142,6 +151,7 @@ impl FileEndpoint {
                 disabled: AtomicU8::new(0),
             }),
             caps,
+            write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 1 }),
         })
     }
 
@@ -174,9 +184,12 @@ impl Inner {
         } else {
             0
         };
-        let mut buf = vec![0u8; len + extra];
-        let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-        let start = if extra == 0 { 0 } else { start };
+        let mut buf = bufpool::get(len + extra);
+        let start = if extra == 0 {
+            0
+        } else {
+            (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN
+        };
         let window = &mut buf[start..start + len];
         let file = match &self.direct {
             Some(d) if aligned(offset, len, window.as_ptr()) => d,
@@ -191,7 +204,7 @@ impl Inner {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Bytes::from(buf).slice(start..start + got))
+        Ok(buf.freeze().slice(start..start + got))
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -202,7 +215,7 @@ impl Inner {
                     && data.len().is_multiple_of(DIRECT_ALIGN) =>
             {
                 // Aligned range, unaligned buffer: copy into an aligned one.
-                let mut buf = vec![0u8; data.len() + DIRECT_ALIGN];
+                let mut buf = bufpool::get(data.len() + DIRECT_ALIGN);
                 let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
                 buf[start..start + data.len()].copy_from_slice(data);
                 d.write_all_at(&buf[start..start + data.len()], offset)
@@ -322,7 +335,11 @@ impl Endpoint for FileEndpoint {
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
         let len = data.len() as u64;
-        Box::pin(self.blocking(Op::Write, offset, len, move |i| i.write(offset, &data)))
+        Box::pin(async move {
+            let _turn = self.write_gate.acquire().await;
+            self.blocking(Op::Write, offset, len, move |i| i.write(offset, &data))
+                .await
+        })
     }
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()> {

@@ -62,6 +62,7 @@ impl NbdEndpoint {
             preferred_block: u64::from(b.preferred),
             max_request: max,
             default_request: DEFAULT_NBD_REQUEST.clamp(min, max),
+            queue_depth: 64,
             known_zero: false,
         };
         NbdEndpoint {

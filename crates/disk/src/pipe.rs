@@ -65,6 +65,7 @@ impl PipeEndpoint {
         caps.read_only = source;
         caps.flush = !source;
         caps.max_request = 1 << 30;
+        caps.queue_depth = 4;
         PipeEndpoint {
             name: name.to_string(),
             caps,

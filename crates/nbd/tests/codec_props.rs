@@ -893,3 +893,302 @@ fn chunk_rule_violations_are_rejected() {
         assert!(Chunk::decode(t, &[], 0).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz seeds
+// ---------------------------------------------------------------------------------------------
+
+/// Writes the seed corpus of the cargo-fuzz targets in `fuzz/` (valid conversations built with
+/// this codec). Run with `cargo test -p nbd --test codec_props -- --ignored write_fuzz_seeds`.
+/// Inputs start with the targets' selector byte: bits 0-1 header mode (0 simple, 1 structured,
+/// 2 extended), bit 2 EXPORT_NAME handshake, bit 3 NO_ZEROES.
+#[test]
+#[ignore = "writes files into fuzz/seeds; run explicitly"]
+fn write_fuzz_seeds() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    let write = |target: &str, name: &str, data: Vec<u8>| {
+        let dir = seeds.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), data).unwrap();
+    };
+
+    // --- What a server sends (client_reply_parser) ---
+    let greeting = |out: &mut Vec<u8>| {
+        Greeting::Newstyle {
+            flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        }
+        .encode(out)
+    };
+    let export_flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_WRITE_ZEROES;
+    let go_replies = |out: &mut Vec<u8>, negotiate: u32| {
+        OptionReply::Ack.encode(negotiate, out);
+        OptionReply::MetaContext {
+            id: 1,
+            name: CONTEXT_BASE_ALLOCATION.into(),
+        }
+        .encode(OPT_SET_META_CONTEXT, out);
+        OptionReply::Ack.encode(OPT_SET_META_CONTEXT, out);
+        for info in [
+            Info::Export {
+                size: 1 << 20,
+                flags: export_flags,
+            },
+            Info::BlockSize(BlockSize::DEFAULT),
+            Info::Name("disk".into()),
+            Info::Description("a test disk".into()),
+        ] {
+            OptionReply::Info(info).encode(OPT_GO, out);
+        }
+        OptionReply::Ack.encode(OPT_GO, out);
+    };
+    let chunks = |out: &mut Vec<u8>, mode: HeaderMode| {
+        let extended = mode == HeaderMode::Extended;
+        let mut put = |chunk: Chunk, data: &[u8], done: bool, cookie: u64| {
+            let mut payload = Vec::new();
+            let t = chunk.encode_payload(extended, &mut payload);
+            payload.extend_from_slice(data);
+            let flags = if done { REPLY_FLAG_DONE } else { 0 };
+            let len = payload.len() as u64;
+            ReplyHeader::encode_chunk(mode, flags, t, cookie, 0, len, out);
+            out.extend_from_slice(&payload);
+        };
+        let data = [0xabu8; 16];
+        put(
+            Chunk::OffsetData {
+                offset: 0,
+                data_len: 16,
+            },
+            &data,
+            false,
+            1,
+        );
+        put(
+            Chunk::OffsetHole {
+                offset: 16,
+                length: 4080,
+            },
+            &[],
+            true,
+            1,
+        );
+        let descriptors = vec![
+            Descriptor {
+                length: 4096,
+                flags: 0,
+            },
+            Descriptor {
+                length: 8192,
+                flags: u64::from(STATE_HOLE | STATE_ZERO),
+            },
+        ];
+        put(
+            Chunk::BlockStatus {
+                context: 1,
+                descriptors,
+            },
+            &[],
+            true,
+            2,
+        );
+        put(
+            Chunk::Error {
+                error: EIO,
+                message: "read failed".into(),
+            },
+            &[],
+            true,
+            3,
+        );
+        put(
+            Chunk::ErrorOffset {
+                error: EINVAL,
+                message: String::new(),
+                offset: 512,
+            },
+            &[],
+            true,
+            4,
+        );
+        put(Chunk::None, &[], true, 5);
+    };
+
+    let mut s = vec![1u8];
+    greeting(&mut s);
+    go_replies(&mut s, OPT_STRUCTURED_REPLY);
+    ReplyHeader::encode_simple(0, 9, &mut s);
+    chunks(&mut s, HeaderMode::Structured);
+    write("client_reply_parser", "structured_go", s);
+
+    let mut s = vec![2u8];
+    greeting(&mut s);
+    go_replies(&mut s, OPT_EXTENDED_HEADERS);
+    chunks(&mut s, HeaderMode::Extended);
+    write("client_reply_parser", "extended_go", s);
+
+    let mut s = vec![4u8];
+    greeting(&mut s);
+    ExportNameReply {
+        size: 1 << 30,
+        flags: export_flags,
+    }
+    .encode(false, &mut s);
+    ReplyHeader::encode_simple(0, 1, &mut s);
+    ReplyHeader::encode_simple(EIO, 2, &mut s);
+    write("client_reply_parser", "export_name_simple", s);
+
+    let mut s = vec![4 | 8 | 1];
+    greeting(&mut s);
+    ExportNameReply {
+        size: 4096,
+        flags: TFLAG_HAS_FLAGS | TFLAG_READ_ONLY,
+    }
+    .encode(true, &mut s);
+    chunks(&mut s, HeaderMode::Structured);
+    write("client_reply_parser", "export_name_no_zeroes", s);
+
+    let mut s = vec![0u8];
+    greeting(&mut s);
+    OptionReply::Server {
+        name: "disk".into(),
+        description: "first".into(),
+    }
+    .encode(OPT_LIST, &mut s);
+    OptionReply::Ack.encode(OPT_LIST, &mut s);
+    OptionReply::Error {
+        code: REP_ERR_UNSUP,
+        message: "no extended headers".into(),
+    }
+    .encode(OPT_EXTENDED_HEADERS, &mut s);
+    OptionReply::Unknown {
+        reply_type: 77,
+        data: vec![1, 2, 3],
+    }
+    .encode(OPT_INFO, &mut s);
+    OptionReply::Error {
+        code: REP_ERR_UNKNOWN,
+        message: String::new(),
+    }
+    .encode(OPT_GO, &mut s);
+    write("client_reply_parser", "option_errors", s);
+
+    // --- What a client sends (server_request_parser) ---
+    let client_flags = be32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    let opt = |out: &mut Vec<u8>, request: OptionRequest| request.encode(out);
+    let info = InfoRequest {
+        name: "disk".into(),
+        infos: vec![INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION],
+    };
+    let meta = MetaContextRequest {
+        export: "disk".into(),
+        queries: vec![
+            CONTEXT_BASE_ALLOCATION.into(),
+            format!("{CONTEXT_DIRTY_BITMAP_PREFIX}bitmap0"),
+        ],
+    };
+    let req = |out: &mut Vec<u8>, mode, command, flags, cookie, offset, length: u64| {
+        Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode(mode, out)
+    };
+
+    let mode = HeaderMode::Simple;
+    let mut s = vec![0u8];
+    s.extend_from_slice(&client_flags);
+    opt(&mut s, OptionRequest::simple(OPT_LIST));
+    opt(&mut s, OptionRequest::info(OPT_INFO, &info));
+    opt(&mut s, OptionRequest::info(OPT_GO, &info));
+    req(&mut s, mode, CMD_READ, 0, 1, 0, 4096);
+    req(&mut s, mode, CMD_WRITE, CMD_FLAG_FUA, 2, 4096, 8);
+    s.extend_from_slice(b"payload!");
+    req(&mut s, mode, CMD_FLUSH, 0, 3, 0, 0);
+    req(&mut s, mode, CMD_DISC, 0, 4, 0, 0);
+    write("server_request_parser", "simple_go", s);
+
+    let mode = HeaderMode::Structured;
+    let mut s = vec![1u8];
+    s.extend_from_slice(&client_flags);
+    opt(&mut s, OptionRequest::simple(OPT_STRUCTURED_REPLY));
+    opt(
+        &mut s,
+        OptionRequest::meta_context(OPT_LIST_META_CONTEXT, &meta),
+    );
+    opt(
+        &mut s,
+        OptionRequest::meta_context(OPT_SET_META_CONTEXT, &meta),
+    );
+    opt(&mut s, OptionRequest::info(OPT_GO, &info));
+    req(
+        &mut s,
+        mode,
+        CMD_BLOCK_STATUS,
+        CMD_FLAG_REQ_ONE,
+        1,
+        0,
+        1 << 20,
+    );
+    req(&mut s, mode, CMD_WRITE, 0, 2, 0, 4);
+    s.extend_from_slice(b"data");
+    req(&mut s, mode, CMD_TRIM, 0, 3, 0, 65536);
+    req(
+        &mut s,
+        mode,
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE,
+        4,
+        0,
+        65536,
+    );
+    req(&mut s, mode, CMD_READ, CMD_FLAG_DF, 5, 0, 512);
+    write("server_request_parser", "structured_meta", s);
+
+    let mode = HeaderMode::Extended;
+    let mut s = vec![2u8];
+    s.extend_from_slice(&client_flags);
+    opt(&mut s, OptionRequest::simple(OPT_EXTENDED_HEADERS));
+    opt(
+        &mut s,
+        OptionRequest::meta_context(OPT_SET_META_CONTEXT, &meta),
+    );
+    opt(&mut s, OptionRequest::info(OPT_GO, &info));
+    req(&mut s, mode, CMD_WRITE, 0, 1, 0, 4);
+    s.extend_from_slice(b"data");
+    // BLOCK_STATUS with a payload: u64 effect length, then the context ids to report.
+    req(
+        &mut s,
+        mode,
+        CMD_BLOCK_STATUS,
+        CMD_FLAG_PAYLOAD_LEN,
+        2,
+        0,
+        12,
+    );
+    s.extend_from_slice(&be64(1 << 33));
+    s.extend_from_slice(&be32(1));
+    req(
+        &mut s,
+        mode,
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_FAST_ZERO,
+        3,
+        0,
+        1 << 40,
+    );
+    req(&mut s, mode, CMD_CACHE, 0, 4, 1 << 20, 1 << 20);
+    req(&mut s, mode, CMD_DISC, 0, 5, 0, 0);
+    write("server_request_parser", "extended_go", s);
+
+    let mode = HeaderMode::Simple;
+    let mut s = vec![0u8];
+    s.extend_from_slice(&client_flags);
+    opt(&mut s, OptionRequest::simple(OPT_STARTTLS));
+    opt(&mut s, OptionRequest::simple(42));
+    opt(&mut s, OptionRequest::export_name("disk"));
+    req(&mut s, mode, CMD_READ, 0, 1, 0, 512);
+    req(&mut s, mode, CMD_DISC, 0, 2, 0, 0);
+    write("server_request_parser", "export_name", s);
+}

@@ -35,8 +35,8 @@ struct Pending {
     command: u16,
     offset: u64,
     length: u64,
-    /// READ only: the destination buffer, zero-filled so holes need no work.
-    data: Option<Vec<u8>>,
+    /// READ only: the destination buffer (pooled; chunks fill it, holes are zeroed).
+    data: Option<bufpool::Buf>,
     /// READ only: ranges already filled (start → end), to reject overlaps.
     filled: BTreeMap<u64, u64>,
     filled_bytes: u64,
@@ -95,9 +95,7 @@ impl Pending {
                     "read at offset {} length {} completed with only {} bytes",
                     self.offset, self.length, self.filled_bytes
                 ))),
-                CMD_READ => Ok(Reply::Data(Bytes::from(
-                    self.data.take().unwrap_or_default(),
-                ))),
+                CMD_READ => Ok(Reply::Data(self.data.take().unwrap_or_default().freeze())),
                 CMD_BLOCK_STATUS if self.status.is_empty() => Err(Error::Protocol(format!(
                     "block status at offset {} completed without a status chunk",
                     self.offset
@@ -310,7 +308,9 @@ impl Connection {
         }
         let cookie = inner.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let data = (command == CMD_READ).then(|| vec![0u8; length as usize]);
+        // Recycled, not zeroed: every byte is written by a data chunk or zeroed by a hole chunk
+        // before the read may complete (coverage is checked).
+        let data = (command == CMD_READ).then(|| bufpool::get(length as usize));
         let pending = Pending {
             command,
             offset,
@@ -637,8 +637,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         command_name(p.command)
                     )));
                 }
-                // The buffer starts zeroed, so a hole only needs recording.
                 p.fill(offset, u64::from(length))?;
+                let at = (offset - p.offset) as usize;
+                if let Some(data) = p.data.as_mut() {
+                    data[at..at + length as usize].fill(0);
+                }
             }
             Chunk::BlockStatus {
                 context,

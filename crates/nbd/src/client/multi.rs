@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::connection::ZeroFlags;
 use super::{ConnectOptions, Connection, Negotiated, PendingReply, Reply};
@@ -186,10 +186,14 @@ impl Client {
         for (off, len) in pieces(offset, length, max) {
             pending.push(self.pick().submit(CMD_READ, 0, off, len, None).await?);
         }
-        let mut out = BytesMut::with_capacity(length as usize);
+        let mut out = bufpool::get(length as usize);
+        let mut at = 0;
         for p in pending {
             match p.wait().await? {
-                Reply::Data(data) => out.extend_from_slice(&data),
+                Reply::Data(data) => {
+                    out[at..at + data.len()].copy_from_slice(&data);
+                    at += data.len();
+                }
                 other => return Err(Error::Protocol(format!("read returned {other:?}"))),
             }
         }
