@@ -1,19 +1,25 @@
 //! `ferry demo`: the main job on an embedded default. It makes a sample sparse image (random
-//! data, zeroes written as data, holes) in a temporary directory, serves it with qemu-nbd, and
-//! drives ferry's NBD client through it: info, map (checked against the file's own extents),
-//! a pipelined read of the whole export (checked byte for byte), and an extent-aware copy into
-//! a second, writable export (checked byte for byte and for sparseness).
+//! data, zeroes written as data, holes) in a temporary directory, checks ferry's NBD map of it
+//! against the file's own extents, then copies it through every endpoint kind ferry has —
+//! file, NBD (qemu-nbd), socket-activated qcow2, pipes, `null:` — verifying every result byte
+//! for byte (and for sparseness where the destination can be sparse), and prints a table.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
-use nbd::client::{PendingReply, ZeroFlags};
-use nbd::proto::consts::{CMD_READ, CMD_WRITE, CONTEXT_BASE_ALLOCATION, STATE_ZERO};
+use copy::{Cancel, CopyOptions, Job, Progress, Stats};
+use disk::Endpoint;
+use disk::file::FileEndpoint;
+use disk::nbd::NbdEndpoint;
+use disk::null::NullEndpoint;
+use disk::pipe::PipeEndpoint;
+use disk::subprocess::SubprocessEndpoint;
+use nbd::proto::consts::{CONTEXT_BASE_ALLOCATION, STATE_ZERO};
 use nbd::uri::Transport;
-use nbd::{Client, ConnectOptions, Reply};
+use nbd::{Client, ConnectOptions};
 
 use crate::{Failure, human};
 
@@ -26,9 +32,6 @@ pub struct DemoArgs {
     #[arg(long)]
     pub keep: bool,
 }
-
-/// Request size for the pipelined read and copy, as nbdcopy uses for NBD.
-const REQUEST: u64 = 256 * 1024;
 
 /// A deterministic pseudo-random generator (xorshift64*), so every run builds the same image.
 struct Rng(u64);
@@ -141,7 +144,7 @@ impl QemuNbd {
 }
 
 struct Step {
-    name: &'static str,
+    name: String,
     bytes: u64,
     elapsed: Duration,
     check: String,
@@ -157,14 +160,77 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     result.map_err(Failure::from)
 }
 
+/// Copies with the engine's defaults.
+async fn run_copy(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> anyhow::Result<Stats> {
+    let size = src.caps().size;
+    let job = Job {
+        src: src.clone(),
+        dst: dst.clone(),
+    };
+    let stats = copy::copy(
+        job,
+        CopyOptions::default(),
+        Arc::new(Progress::new(size)),
+        Cancel::default(),
+    )
+    .await;
+    src.close().await?;
+    dst.close().await?;
+    Ok(stats?)
+}
+
+fn nbd_endpoint_options(socket: &Path) -> ConnectOptions {
+    ConnectOptions::new(
+        Transport::Unix {
+            path: socket.to_path_buf(),
+        },
+        "",
+    )
+}
+
+async fn nbd_endpoint(server: &QemuNbd, extents: bool) -> anyhow::Result<Arc<dyn Endpoint>> {
+    let name = format!("nbd+unix:///?socket={}", server.socket.display());
+    Ok(Arc::new(
+        NbdEndpoint::connect(&name, &server.options(), 4, extents).await?,
+    ))
+}
+
+/// Checks `out` equals the sample, and (when `sparse`) that it allocates no more than the
+/// sample's data. Returns the check's description.
+fn verify(sample: &Path, out: &Path, data: u64, sparse: bool) -> anyhow::Result<String> {
+    let a = std::fs::File::open(sample)?;
+    let b = std::fs::File::open(out)?;
+    let size = a.metadata()?.len();
+    ensure!(
+        b.metadata()?.len() == size,
+        "{} has size {}, expected {size}",
+        out.display(),
+        b.metadata()?.len()
+    );
+    if let Some(at) = compare_files(&a, &b, size)? {
+        bail!("{} differs from the sample at offset {at}", out.display());
+    }
+    let allocated = b.metadata()?.blocks() * 512;
+    if sparse {
+        ensure!(
+            allocated <= data + (1 << 20),
+            "{} allocates {allocated} bytes for {data} bytes of data",
+            out.display()
+        );
+        Ok(format!("identical, {} allocated", human::size(allocated)))
+    } else {
+        Ok("identical".into())
+    }
+}
+
 async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     ensure!(size > 0, "the sample image needs a size above 0");
     let mut steps = Vec::new();
-    let source = dir.join("sample.raw");
+    let sample = dir.join("sample.raw");
     let started = Instant::now();
-    let layout = make_sample(&source, size).context("writing the sample image")?;
+    let layout = make_sample(&sample, size).context("writing the sample image")?;
     steps.push(Step {
-        name: "make sample image",
+        name: "make sample image".into(),
         bytes: size,
         elapsed: started.elapsed(),
         check: format!(
@@ -175,38 +241,20 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
             human::size(layout.holes)
         ),
     });
+    let src_server = QemuNbd::start(&sample, dir.join("src.sock"), true).await?;
 
-    let server = QemuNbd::start(&source, dir.join("src.sock"), true).await?;
-    let mut opts = server.options();
-    opts.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
+    // Map over NBD: the server's view must agree with the file's own SEEK_DATA view.
     let started = Instant::now();
-    let client = Client::connect(&opts, 4)
+    let mut opts = src_server.options();
+    opts.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
+    let client = Client::connect(&opts, 1)
         .await
         .context("connecting to qemu-nbd")?;
-    let info = client.info().clone();
-    ensure!(
-        info.size == size,
-        "export size {} != image size {size}",
-        info.size
-    );
-    steps.push(Step {
-        name: "connect + info",
-        bytes: 0,
-        elapsed: started.elapsed(),
-        check: format!(
-            "{:?} replies, {} connections, max payload {}",
-            info.mode,
-            client.connections().len(),
-            human::size(u64::from(info.block_size.maximum))
-        ),
-    });
-
-    // Map: the server's view must agree with the file's own SEEK_DATA view on what is data.
-    let started = Instant::now();
     let extents = client
         .block_status(CONTEXT_BASE_ALLOCATION, 0, size)
         .await?;
-    let file = std::fs::File::open(&source)?;
+    client.disconnect().await;
+    let file = std::fs::File::open(&sample)?;
     let local = disk::file_extents::file_extents(&file, 0, size)?;
     let nbd_data: u64 = extents
         .iter()
@@ -219,7 +267,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         "NBD map says {nbd_data} data bytes, the file says {local_data}"
     );
     steps.push(Step {
-        name: "map (base:allocation)",
+        name: "map over NBD".into(),
         bytes: size,
         elapsed: started.elapsed(),
         check: format!(
@@ -228,167 +276,184 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
             human::size(nbd_data)
         ),
     });
+    let data = local_data;
 
-    // Pipelined read of the whole export, compared with the file.
+    // file -> file
+    let out = dir.join("file-to-file.raw");
     let started = Instant::now();
-    let mismatch = read_and_compare(&client, &file, size).await?;
-    ensure!(
-        mismatch.is_none(),
-        "read differs from the image at offset {mismatch:?}"
-    );
-    steps.push(Step {
-        name: "read all, pipelined",
-        bytes: size,
-        elapsed: started.elapsed(),
-        check: "identical to the image".into(),
-    });
+    let stats = run_copy(
+        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
+    )
+    .await?;
+    steps.push(Step::copied(
+        "file -> file",
+        &stats,
+        started,
+        verify(&sample, &out, data, true)?,
+    ));
 
-    // Extent-aware copy into a fresh writable export.
-    let target = dir.join("copy.raw");
+    // file -> NBD (a writable qemu-nbd over an empty file)
+    let target = dir.join("file-to-nbd.raw");
     std::fs::File::create(&target)?.set_len(size)?;
-    let dst_server = QemuNbd::start(&target, dir.join("dst.sock"), false).await?;
-    let dst = Client::connect(&dst_server.options(), 4).await?;
+    let server = QemuNbd::start(&target, dir.join("dst1.sock"), false).await?;
     let started = Instant::now();
-    let written = copy_extents(&client, &dst, &extents).await?;
-    dst.flush().await?;
-    let elapsed = started.elapsed();
-    dst.disconnect().await;
-    let copied = std::fs::File::open(&target)?;
-    let mismatch = compare_files(&file, &copied, size)?;
-    ensure!(mismatch.is_none(), "copy differs at offset {mismatch:?}");
-    let allocated = copied.metadata()?.blocks() * 512;
-    ensure!(
-        allocated <= nbd_data + (1 << 20),
-        "copy allocates {allocated} bytes but only {nbd_data} are data"
-    );
-    steps.push(Step {
-        name: "copy NBD -> NBD",
-        bytes: written,
-        elapsed,
-        check: format!(
-            "identical; {} allocated of {}",
-            human::size(allocated),
-            human::size(size)
-        ),
-    });
-    client.disconnect().await;
+    let stats = run_copy(
+        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        nbd_endpoint(&server, false).await?,
+    )
+    .await?;
     drop(server);
-    drop(dst_server);
+    steps.push(Step::copied(
+        "file -> NBD",
+        &stats,
+        started,
+        verify(&sample, &target, data, true)?,
+    ));
+
+    // NBD -> file
+    let out = dir.join("nbd-to-file.raw");
+    let started = Instant::now();
+    let stats = run_copy(
+        nbd_endpoint(&src_server, true).await?,
+        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
+    )
+    .await?;
+    steps.push(Step::copied(
+        "NBD -> file",
+        &stats,
+        started,
+        verify(&sample, &out, data, true)?,
+    ));
+
+    // NBD -> NBD
+    let target = dir.join("nbd-to-nbd.raw");
+    std::fs::File::create(&target)?.set_len(size)?;
+    let server = QemuNbd::start(&target, dir.join("dst2.sock"), false).await?;
+    let started = Instant::now();
+    let stats = run_copy(
+        nbd_endpoint(&src_server, true).await?,
+        nbd_endpoint(&server, false).await?,
+    )
+    .await?;
+    drop(server);
+    steps.push(Step::copied(
+        "NBD -> NBD",
+        &stats,
+        started,
+        verify(&sample, &target, data, true)?,
+    ));
+
+    // file -> qcow2 and back, through socket-activated qemu-nbd subprocesses.
+    let qcow2 = dir.join("sample.qcow2");
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg(size.to_string())
+        .status()
+        .context("running qemu-img (install qemu-utils)")?;
+    ensure!(status.success(), "qemu-img create failed: {status}");
+    let qemu_nbd = |read_only: bool| {
+        let mut argv = vec!["qemu-nbd".to_string(), "-f".into(), "qcow2".into()];
+        if read_only {
+            argv.push("--read-only".into());
+        }
+        argv.push(qcow2.display().to_string());
+        argv
+    };
+    let template = nbd_endpoint_options(Path::new(""));
+    let started = Instant::now();
+    let stats = run_copy(
+        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        Arc::new(SubprocessEndpoint::start(&qemu_nbd(false), &template, true).await?),
+    )
+    .await?;
+    let qcow2_size = std::fs::metadata(&qcow2)?.len();
+    steps.push(Step::copied(
+        "file -> [ qemu-nbd qcow2 ]",
+        &stats,
+        started,
+        format!("qcow2 file {}", human::size(qcow2_size)),
+    ));
+    let out = dir.join("qcow2-to-file.raw");
+    let started = Instant::now();
+    let stats = run_copy(
+        Arc::new(SubprocessEndpoint::start(&qemu_nbd(true), &template, true).await?),
+        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
+    )
+    .await?;
+    steps.push(Step::copied(
+        "[ qemu-nbd qcow2 ] -> file",
+        &stats,
+        started,
+        verify(&sample, &out, data, true)?,
+    ));
+
+    // file -> pipe -> file: two copies running at once, joined by a pipe.
+    let out = dir.join("pipe-to-file.raw");
+    let (reader, writer) = std::io::pipe()?;
+    let reader = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
+    let writer = std::fs::File::from(std::os::fd::OwnedFd::from(writer));
+    let started = Instant::now();
+    let into_pipe = run_copy(
+        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        Arc::new(PipeEndpoint::from_file("pipe", writer, false)),
+    );
+    let from_pipe = run_copy(
+        Arc::new(PipeEndpoint::from_file("pipe", reader, true)),
+        Arc::new(FileEndpoint::open_destination(&out, None, false)?),
+    );
+    let (sent, stats) = tokio::try_join!(into_pipe, from_pipe)?;
+    ensure!(
+        sent.size == stats.size,
+        "pipe carried {} of {} bytes",
+        stats.size,
+        sent.size
+    );
+    steps.push(Step::copied(
+        "file -> pipe -> file",
+        &stats,
+        started,
+        verify(&sample, &out, data, true)?,
+    ));
+
+    // file -> null:
+    let started = Instant::now();
+    let stats = run_copy(
+        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        Arc::new(NullEndpoint::default()),
+    )
+    .await?;
+    let check = format!("read {}", human::size(stats.bytes_read));
+    steps.push(Step::copied("file -> null:", &stats, started, check));
+    drop(src_server);
 
     println!(
-        "{:<24} {:>10} {:>9} {:>12}  check",
+        "{:<28} {:>10} {:>9} {:>12}  check",
         "step", "bytes", "time", "throughput"
     );
     for s in &steps {
         println!(
-            "{:<24} {:>10} {:>8.3}s {:>12}  {}",
+            "{:<28} {:>10} {:>8.3}s {:>12}  {}",
             s.name,
             human::size(s.bytes),
             s.elapsed.as_secs_f64(),
-            if s.bytes > 0 {
-                human::rate(s.bytes, s.elapsed.as_secs_f64())
-            } else {
-                "-".into()
-            },
+            human::rate(s.bytes, s.elapsed.as_secs_f64()),
             s.check
         );
     }
     Ok(())
 }
 
-/// Reads the export in REQUEST-sized pieces with up to 64 requests in flight, comparing each
-/// piece with the file in order. Returns the first differing offset.
-async fn read_and_compare(
-    client: &Client,
-    file: &std::fs::File,
-    size: u64,
-) -> anyhow::Result<Option<u64>> {
-    let mut queue: std::collections::VecDeque<(u64, PendingReply)> = Default::default();
-    let mut offset = 0;
-    let mut expected = vec![0u8; REQUEST as usize];
-    let conns = client.connections();
-    let mut next_conn = 0;
-    while offset < size || !queue.is_empty() {
-        while offset < size && queue.len() < 64 {
-            let len = REQUEST.min(size - offset);
-            let conn = &conns[next_conn % conns.len()];
-            next_conn += 1;
-            queue.push_back((offset, conn.submit(CMD_READ, 0, offset, len, None).await?));
-            offset += len;
-        }
-        let (at, pending) = queue.pop_front().expect("queue is not empty");
-        let Reply::Data(data) = pending.wait().await? else {
-            bail!("read at {at} returned no data");
-        };
-        let want = &mut expected[..data.len()];
-        file.read_exact_at(want, at)?;
-        if let Some(i) = data.iter().zip(want.iter()).position(|(a, b)| a != b) {
-            return Ok(Some(at + i as u64));
+impl Step {
+    fn copied(name: &str, stats: &Stats, started: Instant, check: String) -> Step {
+        Step {
+            name: name.into(),
+            bytes: stats.size,
+            elapsed: started.elapsed(),
+            check,
         }
     }
-    Ok(None)
-}
-
-/// Copies data extents with pipelined READ → WRITE and zero extents with WRITE_ZEROES.
-async fn copy_extents(
-    src: &Client,
-    dst: &Client,
-    extents: &[nbd::client::StatusExtent],
-) -> anyhow::Result<u64> {
-    let mut written = 0;
-    let mut reads: std::collections::VecDeque<(u64, PendingReply)> = Default::default();
-    let mut writes: std::collections::VecDeque<PendingReply> = Default::default();
-    let src_conns = src.connections();
-    let dst_conns = dst.connections();
-    let mut n = 0usize;
-    for e in extents {
-        if e.flags & u64::from(STATE_ZERO) != 0 {
-            dst.write_zeroes(e.offset, e.length, ZeroFlags::default())
-                .await?;
-            continue;
-        }
-        let mut offset = e.offset;
-        let end = e.offset + e.length;
-        while offset < end {
-            let len = REQUEST.min(end - offset);
-            let conn = &src_conns[n % src_conns.len()];
-            n += 1;
-            reads.push_back((offset, conn.submit(CMD_READ, 0, offset, len, None).await?));
-            offset += len;
-            while reads.len() >= 32 {
-                written += forward(&mut reads, &mut writes, dst_conns, n).await?;
-            }
-            while writes.len() >= 32 {
-                writes.pop_front().expect("not empty").wait().await?;
-            }
-        }
-    }
-    while !reads.is_empty() {
-        written += forward(&mut reads, &mut writes, dst_conns, n).await?;
-    }
-    for w in writes {
-        w.wait().await?;
-    }
-    Ok(written)
-}
-
-async fn forward(
-    reads: &mut std::collections::VecDeque<(u64, PendingReply)>,
-    writes: &mut std::collections::VecDeque<PendingReply>,
-    dst_conns: &[nbd::Connection],
-    n: usize,
-) -> anyhow::Result<u64> {
-    let (offset, pending) = reads.pop_front().expect("not empty");
-    let Reply::Data(data) = pending.wait().await? else {
-        bail!("read at {offset} returned no data");
-    };
-    let len = data.len() as u64;
-    let conn = &dst_conns[n % dst_conns.len()];
-    writes.push_back(
-        conn.submit(CMD_WRITE, 0, offset, len, Some(Bytes::clone(&data)))
-            .await?,
-    );
-    Ok(len)
 }
 
 fn compare_files(a: &std::fs::File, b: &std::fs::File, size: u64) -> anyhow::Result<Option<u64>> {
