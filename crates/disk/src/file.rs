@@ -59,6 +59,17 @@ impl FileEndpoint {
         Self::finish_open(name, file, path, direct, false, false)
     }
 
+    /// Opens an existing file or device for reading and writing, as it is (for serving it).
+    pub fn open_existing(path: &Path, direct: bool) -> Result<Self, DiskError> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+        Self::finish_open(name, file, path, direct, true, false)
+    }
+
     /// Opens (or creates) a destination. A regular file is truncated to `size` when given, so
     /// it is known to read as zeroes; a block device is used as it is.
     pub fn open_destination(
@@ -137,6 +148,7 @@ impl FileEndpoint {
         let mut caps = Caps::random_access(size);
         caps.extents = !block_device;
         caps.efficient_zero = true;
+        caps.fast_zero = !block_device;
         caps.flush = true;
         caps.preferred_block = preferred;
         caps.queue_depth = FILE_QUEUE_DEPTH;
@@ -278,6 +290,27 @@ impl Inner {
         }
     }
 
+    /// Zeroes without ever writing zero bytes: punch a hole, or zero the range in place.
+    /// Ok(false) when neither works here (block devices, filesystems without them).
+    fn fast_zero(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        if self.block_device {
+            return Ok(false);
+        }
+        Ok(self.attempt(NO_PUNCH, || {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        })? || self.attempt(NO_ZERO_RANGE, || {
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        })?)
+    }
+
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> std::io::Result<()> {
         if self.block_device {
             if offset.is_multiple_of(512)
@@ -346,6 +379,10 @@ impl Endpoint for FileEndpoint {
         Box::pin(self.blocking(Op::Zero, offset, len, move |i| {
             i.zero(offset, len, allocate)
         }))
+    }
+
+    fn fast_zero(&self, offset: u64, len: u64) -> BoxFut<'_, bool> {
+        Box::pin(self.blocking(Op::Zero, offset, len, move |i| i.fast_zero(offset, len)))
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {

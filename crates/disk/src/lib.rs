@@ -2,6 +2,7 @@
 //! extents and capabilities, behind one [`Endpoint`] trait the copy engine drives.
 
 pub mod endpoint;
+pub mod export;
 pub mod extents;
 pub mod file;
 pub mod file_extents;

@@ -10,6 +10,7 @@ mod endpoint;
 mod human;
 mod info;
 mod map;
+mod nbd_server_cmd;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Print the extents (data, zero, hole) of an NBD export or a local file.
     Map(map::MapArgs),
+    /// Serve a raw file or block device over NBD (qemu-nbd-like; socket activation works).
+    NbdServer(nbd_server_cmd::NbdServerArgs),
     /// Run the main job on an embedded sample image and verify the results.
     Demo(demo::DemoArgs),
 }
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::NbdServer(args) => nbd_server_cmd::run(args).await,
         }
     });
     match result {

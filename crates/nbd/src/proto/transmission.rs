@@ -107,12 +107,12 @@ impl Request {
         })
     }
 
-    /// Bytes of payload that follow this header on the wire.
+    /// Bytes of payload that follow this header on the wire. A WRITE's length is always its
+    /// payload, with or without PAYLOAD_LEN (qemu sends extended WRITEs without the flag).
     pub fn payload_len(&self, mode: HeaderMode) -> u64 {
         match mode {
-            HeaderMode::Extended if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 => self.length,
-            HeaderMode::Extended => 0,
             _ if self.command == CMD_WRITE => self.length,
+            HeaderMode::Extended if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 => self.length,
             _ => 0,
         }
     }
