@@ -34,7 +34,12 @@ fn handshake(input: &mut &[u8], export_name: bool, no_zeroes: bool) {
     }
 
     if export_name {
-        let len = ExportNameReply::LEN + if no_zeroes { 0 } else { ExportNameReply::PADDING };
+        let len = ExportNameReply::LEN
+            + if no_zeroes {
+                0
+            } else {
+                ExportNameReply::PADDING
+            };
         if let Ok(reply) = ExportNameReply::decode(take(input, len)) {
             let _ = transmission_flag_names(reply.flags);
         }
@@ -65,16 +70,20 @@ fn handshake(input: &mut &[u8], export_name: bool, no_zeroes: bool) {
             _ => {}
         }
         // Error messages decode lossily; everything else must re-encode to the same bytes.
-        let lossy = matches!(reply, OptionReply::Error { .. }) && std::str::from_utf8(payload).is_err();
+        let lossy =
+            matches!(reply, OptionReply::Error { .. }) && std::str::from_utf8(payload).is_err();
         if !lossy {
             let mut again = Vec::new();
             reply.encode(header.option, &mut again);
             assert_eq!(&again[OPTION_REPLY_HEADER_LEN..], payload, "{reply:?}");
-            assert_eq!(
-                OptionReplyHeader::decode(&again),
-                Ok(header),
-                "option reply header of {reply:?}"
-            );
+            // Unless the input ended early, the header comes back too.
+            if payload.len() == header.length as usize {
+                assert_eq!(
+                    OptionReplyHeader::decode(&again),
+                    Ok(header),
+                    "option reply header of {reply:?}"
+                );
+            }
         }
     }
 }

@@ -40,7 +40,11 @@ fn handshake(input: &mut &[u8]) {
             OPT_INFO | OPT_GO => {
                 if let Ok(request) = InfoRequest::decode(data) {
                     assert!(request.name.len() <= MAX_STRING_LEN);
-                    assert_eq!(OptionRequest::info(option, &request).data, data, "{request:?}");
+                    assert_eq!(
+                        OptionRequest::info(option, &request).data,
+                        data,
+                        "{request:?}"
+                    );
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
