@@ -1,0 +1,1 @@
+//! The imageio-compatible transfer server.
