@@ -93,11 +93,8 @@ pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Vec<MapExtent> {
         Some(c) => format!("--map={c}"),
         None => "--map".to_owned(),
     };
-    let out = run(Command::new(crate::require_binary("nbdinfo")).args([
-        map.as_str(),
-        "--json",
-        uri,
-    ]));
+    let out =
+        run(Command::new(crate::require_binary("nbdinfo")).args([map.as_str(), "--json", uri]));
     let json: Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("nbdinfo printed invalid JSON ({e}): {out}"));
     json.as_array()

@@ -176,20 +176,23 @@ enum Outgoing {
         header_len: usize,
         payload: Option<Bytes>,
     },
-    Disconnect,
+    /// Send NBD_CMD_DISC and close; the sender, if any, learns when that is done.
+    Disconnect(Option<oneshot::Sender<()>>),
 }
 
 struct Inner {
     shared: Arc<Shared>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     slots: Arc<Semaphore>,
+    /// Total number of slots: holding all of them means nothing is in flight.
+    capacity: u32,
     info: Negotiated,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // A soft disconnect: the server finishes what is in flight, then closes.
-        let _ = self.outgoing.send(Outgoing::Disconnect);
+        let _ = self.outgoing.send(Outgoing::Disconnect(None));
     }
 }
 
@@ -243,6 +246,9 @@ impl Connection {
             next_cookie: AtomicU64::new(1),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let capacity = opts
+            .max_in_flight
+            .clamp(1, Semaphore::MAX_PERMITS.min(1 << 20)) as u32;
         let reader = Reader {
             rd: BufReader::with_capacity(64 * 1024, rd),
             shared: shared.clone(),
@@ -262,7 +268,8 @@ impl Connection {
             inner: Arc::new(Inner {
                 shared,
                 outgoing: tx,
-                slots: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
+                slots: Arc::new(Semaphore::new(capacity as usize)),
+                capacity,
                 info,
             }),
         }
@@ -375,16 +382,23 @@ impl Connection {
             .await
     }
 
-    /// Soft disconnect: waits for requests in flight, then sends NBD_CMD_DISC.
+    /// Soft disconnect: waits for requests in flight, then sends NBD_CMD_DISC and returns once
+    /// it is on the wire and the socket is shut down for writing.
     pub async fn disconnect(&self) {
-        let all = self.inner.slots.available_permits();
+        // Holding every slot means no request is in flight (the available count would not:
+        // it excludes the slots of requests still waiting for replies).
         let _ = tokio::time::timeout(
             Duration::from_secs(60),
-            self.inner.slots.acquire_many(all.max(1) as u32),
+            self.inner.slots.acquire_many(self.inner.capacity),
         )
         .await;
-        let _ = self.inner.outgoing.send(Outgoing::Disconnect);
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.outgoing.send(Outgoing::Disconnect(Some(tx)));
         self.inner.slots.close();
+        if sent.is_ok() {
+            // The writer's own I/O timeouts bound this; an error drops the sender.
+            let _ = rx.await;
+        }
     }
 }
 
@@ -398,7 +412,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let result: std::io::Result<()> = async {
         while let Some(msg) = rx.recv().await {
-            let done = match msg {
+            let disconnect = match msg {
                 Outgoing::Request {
                     header,
                     header_len,
@@ -408,9 +422,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     if let Some(payload) = payload {
                         io_timeout(timeout, wr.write_all(&payload)).await?;
                     }
-                    false
+                    None
                 }
-                Outgoing::Disconnect => {
+                Outgoing::Disconnect(ack) => {
                     let request = Request {
                         flags: 0,
                         command: CMD_DISC,
@@ -421,14 +435,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     let mut header = Vec::new();
                     request.encode(mode, &mut header);
                     io_timeout(timeout, wr.write_all(&header)).await?;
-                    true
+                    Some(ack)
                 }
             };
-            if done || rx.is_empty() {
+            if disconnect.is_some() || rx.is_empty() {
                 io_timeout(timeout, wr.flush()).await?;
             }
-            if done {
-                let _ = wr.shutdown().await;
+            if let Some(ack) = disconnect {
+                let _ = io_timeout(timeout, wr.shutdown()).await;
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
                 return Ok(());
             }
         }
