@@ -240,11 +240,14 @@ impl<'a> Worker<'a> {
             } else {
                 vec![Extent::data(start, len)]
             };
-            self.dst_map = if self.shared.dst_extents {
-                self.dst.extents(start, len).await?
-            } else {
-                Vec::new()
-            };
+            if self.shared.dst_extents {
+                // Zero blocks found in reads still in flight are checked against the map of
+                // their own range: let them land before the map is replaced.
+                while !self.reads.is_empty() {
+                    self.complete_one().await?;
+                }
+                self.dst_map = self.dst.extents(start, len).await?;
+            }
             let zero_align = self.dst.caps().min_block.max(1);
             let src_depth = self.src.caps().queue_depth.max(1);
             let dst_depth = self.dst.caps().queue_depth.max(1);
