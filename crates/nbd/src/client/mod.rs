@@ -44,6 +44,8 @@ pub struct ConnectOptions {
     /// Ask for the canonical name and description too.
     pub full_info: bool,
     pub timeout: Duration,
+    /// Deadline for connecting and the handshake, when it should differ from `timeout`.
+    pub handshake_timeout: Option<Duration>,
     pub max_in_flight: usize,
 }
 
@@ -59,6 +61,7 @@ impl ConnectOptions {
             list_meta_contexts: false,
             full_info: false,
             timeout: DEFAULT_TIMEOUT,
+            handshake_timeout: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
@@ -96,8 +99,9 @@ impl ConnectOptions {
     }
 
     async fn handshake(&self) -> Result<handshake::Handshake> {
-        let stream = connect_transport(&self.transport, self.timeout).await?;
-        let hs = handshake::Handshake::start(stream, self.timeout).await?;
+        let deadline = self.handshake_timeout.unwrap_or(self.timeout);
+        let stream = connect_transport(&self.transport, deadline).await?;
+        let hs = handshake::Handshake::start(stream, deadline).await?;
         match &self.tls {
             Some(tls) => hs.starttls(tls).await,
             None => Ok(hs),

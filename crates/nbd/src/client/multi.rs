@@ -23,6 +23,9 @@ pub struct StatusExtent {
     pub flags: u64,
 }
 
+/// Handshake deadline for connections beyond the first.
+const EXTRA_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A connected export over one or more connections.
 #[derive(Clone)]
 pub struct Client {
@@ -37,15 +40,29 @@ impl Client {
         let first = opts.connect().await?;
         let mut conns = vec![first];
         if connections > 1 && conns[0].info().has_flag(TFLAG_CAN_MULTI_CONN) {
+            // A server may advertise multi-conn yet admit fewer clients (qemu-nbd --shared=N
+            // accepts the socket but withholds the greeting): extra connections get a short
+            // handshake deadline, and the copy goes on with those that made it.
+            let mut extra = opts.clone();
+            extra.handshake_timeout = Some(
+                opts.handshake_timeout
+                    .unwrap_or(opts.timeout)
+                    .min(EXTRA_CONNECTION_TIMEOUT),
+            );
             let mut tasks = Vec::new();
             for _ in 1..connections {
-                let opts = opts.clone();
-                tasks.push(tokio::spawn(async move { opts.connect().await }));
+                let extra = extra.clone();
+                tasks.push(tokio::spawn(async move { extra.connect().await }));
             }
             for task in tasks {
-                let conn = task
-                    .await
-                    .map_err(|e| Error::Closed(format!("connection task failed: {e}")))??;
+                let conn = match task.await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => {
+                        tracing::info!("extra NBD connection refused, continuing with fewer: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(Error::Closed(format!("connection task failed: {e}"))),
+                };
                 if conn.info().size != conns[0].info().size {
                     return Err(Error::Protocol(
                         "the export changed size between connections".into(),
