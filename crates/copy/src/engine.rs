@@ -106,7 +106,7 @@ pub async fn copy(
 
     let (dst_zero, how) = if opts.destination_is_zero {
         (true, DestinationZero::Asserted)
-    } else if opts.allocated || sequential {
+    } else if opts.allocated || dst_caps.sequential {
         (false, DestinationZero::Unknown)
     } else if dst_caps.known_zero {
         (true, DestinationZero::Known)
