@@ -51,10 +51,13 @@ impl Shared {
     }
 
     fn fail(&self, err: CopyError) {
-        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
-            *first = Some(err);
+        {
+            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(err);
+            }
         }
+        self.cancel.wake();
     }
 
     fn next_range(&self) -> Option<(u64, u64)> {
@@ -110,16 +113,16 @@ pub async fn copy(
         (false, DestinationZero::Unknown)
     } else if dst_caps.known_zero {
         (true, DestinationZero::Known)
+    } else if dst_caps.extents {
+        // The destination can say where it already reads as zero: zero only the rest, rather
+        // than zeroing everything up front (which may allocate on servers that cannot punch).
+        (false, DestinationZero::Extents)
     } else if let Some(size) = src_size.filter(|s| *s > 0 && dst_caps.fast_zero) {
         if dst.fast_zero(0, size).await? {
             (true, DestinationZero::FastZeroed)
-        } else if dst_caps.extents {
-            (false, DestinationZero::Extents)
         } else {
             (false, DestinationZero::Unknown)
         }
-    } else if dst_caps.extents {
-        (false, DestinationZero::Extents)
     } else {
         (false, DestinationZero::Unknown)
     };
@@ -218,8 +221,18 @@ impl<'a> Worker<'a> {
         if let Err(e) = self.copy_ranges().await {
             self.shared.fail(e);
         }
-        // Drain: whatever is in flight finishes (or fails) before the worker ends.
-        while self.ops > 0 {
+        // Drain: writes and zeroes in flight finish (or fail) before the worker ends, so the
+        // destination is left in a known state. Reads still in flight after a stop would only
+        // feed writes nobody wants: they are dropped (their replies discarded), so stopping is
+        // prompt.
+        loop {
+            if self.shared.stopped() && !self.reads.is_empty() {
+                self.ops -= self.reads.len();
+                self.reads = FuturesOrdered::new();
+            }
+            if self.ops == 0 {
+                break;
+            }
             if let Err(e) = self.complete_one().await {
                 self.shared.fail(e);
             }
@@ -244,6 +257,9 @@ impl<'a> Worker<'a> {
                 // Zero blocks found in reads still in flight are checked against the map of
                 // their own range: let them land before the map is replaced.
                 while !self.reads.is_empty() {
+                    if self.shared.stopped() {
+                        return Ok(());
+                    }
                     self.complete_one().await?;
                 }
                 self.dst_map = self.dst.extents(start, len).await?;
@@ -265,6 +281,9 @@ impl<'a> Worker<'a> {
                         || self.reads.len() >= src_depth
                         || self.writes.len() >= dst_depth)
                 {
+                    if self.shared.stopped() {
+                        return Ok(());
+                    }
                     self.complete_one().await?;
                 }
                 match step {
@@ -288,7 +307,14 @@ impl<'a> Worker<'a> {
 
     /// Waits for the next completion: the oldest read (FIFO) or any write.
     async fn complete_one(&mut self) -> Result<(), CopyError> {
+        // Registered before the check, so a stop between the check and the wait still wakes us.
+        let woken = self.shared.cancel.woken();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let stopping = self.shared.stopped();
         tokio::select! {
+            // A stop wakes the worker (unless already stopping, when it drains writes).
+            _ = &mut woken, if !stopping => Ok(()),
             Some((offset, len, result)) = self.reads.next(), if !self.reads.is_empty() => {
                 self.ops -= 1;
                 match result {
@@ -310,6 +336,10 @@ impl<'a> Worker<'a> {
 
     /// Turns a completed read into writes and zeroes.
     fn dispatch(&mut self, offset: u64, len: u64, data: Bytes) -> Result<(), CopyError> {
+        if self.shared.stopped() {
+            self.bytes -= len;
+            return Ok(());
+        }
         let got = data.len() as u64;
         self.shared.read.fetch_add(got, Ordering::Relaxed);
         if got < len {

@@ -114,15 +114,32 @@ pub enum CopyError {
 /// Stops a running copy from outside (Ctrl-C): no new work is issued, work in flight drains,
 /// and the copy returns [`CopyError::Cancelled`].
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+pub struct Cancel(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    /// Wakes workers blocked on slow requests so they notice a stop at once.
+    wake: tokio::sync::Notify,
+}
 
 impl Cancel {
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        self.wake();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Wakes every worker waiting in [`Cancel::woken`] (after a cancel or a failure).
+    pub(crate) fn wake(&self) {
+        self.0.wake.notify_waiters();
+    }
+
+    pub(crate) fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.wake.notified()
     }
 }
 

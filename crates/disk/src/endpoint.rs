@@ -175,6 +175,11 @@ pub trait Endpoint: Send + Sync {
     fn close(&self) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })
     }
+    /// Releases the endpoint after a failure or interruption without waiting for work still in
+    /// flight (whose results nobody wants). Defaults to `close`.
+    fn abort(&self) -> BoxFut<'_, ()> {
+        self.close()
+    }
 }
 
 /// A buffer of `len` zero bytes, shared for endpoints that must write zeroes as data.

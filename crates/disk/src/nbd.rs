@@ -195,4 +195,9 @@ impl Endpoint for NbdEndpoint {
             Ok(())
         })
     }
+
+    fn abort(&self) -> BoxFut<'_, ()> {
+        // Dropping the last handle sends NBD_CMD_DISC without waiting for replies.
+        Box::pin(async { Ok(()) })
+    }
 }

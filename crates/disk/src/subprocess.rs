@@ -188,4 +188,10 @@ impl crate::endpoint::Endpoint for SubprocessEndpoint {
             Ok(())
         })
     }
+    fn abort(&self) -> crate::BoxFut<'_, ()> {
+        Box::pin(async move {
+            self.process.stop();
+            Ok(())
+        })
+    }
 }

@@ -326,9 +326,14 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             dc.preferred_block,
             opts.dst_request
         );
+        let streaming = sc.sequential || dc.sequential;
         eprintln!(
             "ferry: pipelines={} requests={} queue-size={} sparse={} synchronous={}",
-            opts.workers, opts.requests, opts.queue_bytes, opts.sparse, synchronous
+            if streaming { 1 } else { opts.workers },
+            opts.requests,
+            opts.queue_bytes,
+            opts.sparse,
+            synchronous
         );
     }
 
@@ -352,10 +357,16 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     });
     let interrupt = {
         let cancel = cancel.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
+            // Ctrl-C and SIGTERM both stop the copy cleanly: servers started for it are
+            // stopped and their sockets removed.
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            cancel.cancel();
         })
     };
     let job = Job {
@@ -368,8 +379,11 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     if let Some(r) = reporter {
         let _ = r.await;
     }
-    let close_src = src.close().await;
-    let close_dst = dst.close().await;
+    let (close_src, close_dst) = if result.is_ok() {
+        (src.close().await, dst.close().await)
+    } else {
+        (src.abort().await, dst.abort().await)
+    };
     let stats = result.map_err(anyhow::Error::from)?;
     close_src?;
     close_dst?;

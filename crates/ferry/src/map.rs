@@ -53,7 +53,7 @@ pub fn describe(context: &str, kind: u64) -> String {
     }
     if context == CONTEXT_ALLOCATION_DEPTH {
         return match kind {
-            0 => "unallocated".into(),
+            0 => "absent".into(),
             1 => "local".into(),
             n => format!("backing depth {n}"),
         };
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(describe("base:allocation", 1), "hole");
         assert_eq!(describe("base:allocation", 2), "zero");
         assert_eq!(describe("base:allocation", 3), "hole,zero");
-        assert_eq!(describe("qemu:allocation-depth", 0), "unallocated");
+        assert_eq!(describe("qemu:allocation-depth", 0), "absent");
         assert_eq!(describe("qemu:allocation-depth", 1), "local");
         assert_eq!(describe("qemu:allocation-depth", 2), "backing depth 2");
         assert_eq!(describe("qemu:dirty-bitmap:b0", 1), "dirty");
