@@ -11,6 +11,8 @@ mod human;
 mod info;
 mod map;
 mod nbd_server_cmd;
+mod serve_cmd;
+mod ticket_cmd;
 
 use std::process::ExitCode;
 
@@ -46,6 +48,10 @@ enum Command {
     NbdServer(nbd_server_cmd::NbdServerArgs),
     /// Run the main job on an embedded sample image and verify the results.
     Demo(demo::DemoArgs),
+    /// Serve images over HTTP like ovirt-imageio's daemon (ticket control API + data API).
+    Serve(serve_cmd::ServeArgs),
+    /// Manage the tickets of a running `ferry serve` (add, show, mod, del, list).
+    Ticket(ticket_cmd::TicketArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -103,6 +109,8 @@ fn main() -> ExitCode {
             Command::Map(args) => map::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::NbdServer(args) => nbd_server_cmd::run(args).await,
+            Command::Serve(args) => serve_cmd::run(args).await,
+            Command::Ticket(args) => ticket_cmd::run(args).await,
         }
     });
     match result {

@@ -1,0 +1,91 @@
+//! The `ferry serve --config FILE.toml` file: the same settings as the command-line flags
+//! (underscores for dashes), plus the timeouts and I/O sizes that have no flag. Flags given on
+//! the command line win over the file. Unknown keys are errors, so typos do not go unnoticed.
+//!
+//! ```toml
+//! listen = "0.0.0.0:54322"
+//! tls_cert = "/etc/pki/ferry/cert.pem"
+//! tls_key = "/etc/pki/ferry/key.pem"
+//! local_socket = "/run/ferry/local.sock"
+//! control_socket = "/run/ferry/control.sock"
+//! tickets = ["/etc/ferry/ticket.json"]
+//! auth_timeout = 60       # seconds an unauthorized connection may stay idle
+//! remove_timeout = 60     # seconds DELETE waits for running operations
+//! reap_grace = 600        # seconds after expiry before a ticket is removed
+//! buffer_size = 4194304   # bytes per backend request
+//! queue_depth = 4         # backend requests in flight per HTTP request
+//! ```
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub no_tls: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub local_socket: Option<String>,
+    pub control_socket: Option<String>,
+    pub control_listen: Option<String>,
+    #[serde(default)]
+    pub tickets: Vec<PathBuf>,
+    pub ready_file: Option<PathBuf>,
+    pub auth_timeout: Option<f64>,
+    pub remove_timeout: Option<f64>,
+    pub reap_grace: Option<f64>,
+    pub reap_interval: Option<f64>,
+    pub buffer_size: Option<u64>,
+    pub queue_depth: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, v) in [
+            ("auth_timeout", cfg.auth_timeout),
+            ("remove_timeout", cfg.remove_timeout),
+            ("reap_grace", cfg.reap_grace),
+            ("reap_interval", cfg.reap_interval),
+        ] {
+            if v.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
+                return Err(format!("{name}: expecting a number of seconds >= 0"));
+            }
+        }
+        if cfg
+            .buffer_size
+            .is_some_and(|b| !(4096..=(64 << 20)).contains(&b))
+        {
+            return Err("buffer_size: expecting 4096 to 67108864 bytes".to_string());
+        }
+        if cfg.queue_depth.is_some_and(|d| !(1..=64).contains(&d)) {
+            return Err("queue_depth: expecting 1 to 64".to_string());
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_typos() {
+        let c = FileConfig::parse(
+            "listen = \"127.0.0.1:0\"\nno_tls = true\nauth_timeout = 0.5\ntickets = [\"a.json\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(c.auth_timeout, Some(0.5));
+        assert_eq!(c.tickets, vec![PathBuf::from("a.json")]);
+        assert!(FileConfig::parse("lisen = 1").is_err());
+        assert!(FileConfig::parse("auth_timeout = -1").is_err());
+        assert!(FileConfig::parse("queue_depth = 0").is_err());
+    }
+}

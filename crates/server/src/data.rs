@@ -1,0 +1,473 @@
+//! The data API (`/images/{ticket_id}[/extents]` and `/info/`): routing, authorization, and the
+//! read-side handlers (OPTIONS, GET, HEAD, extents). Writes (PUT, PATCH) live in
+//! [`crate::upload`].
+//!
+//! Every handler authorizes first, answering 403 and closing the connection on failure, then
+//! binds the connection to the ticket (which switches the connection to the ticket's
+//! inactivity timeout and opens the shared backend on first use). Downloads stream: the
+//! response body is a bounded pipeline of backend reads, never the whole range in memory.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{
+    ALLOW, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, RANGE,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use crate::backend::Backend;
+use crate::conn::{ConnCtx, Handler};
+use crate::range::parse_range;
+use crate::request::{cors, query_pairs, query_value, yes_no};
+use crate::respond::{Body, BoxError, HttpError, close_after, empty_body, json, json_text};
+use crate::store::{Ticket, TicketStore};
+use crate::ticket::Access;
+
+/// The imageio version ferry answers as, for clients that probe `/info/`.
+pub const IMAGEIO_VERSION: &str = "2.5.3";
+
+/// I/O sizes and depths of the data path.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Largest single backend read or write, in bytes.
+    pub chunk: u64,
+    /// Backend requests in flight per HTTP request.
+    pub depth: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            chunk: 4 << 20,
+            depth: 4,
+        }
+    }
+}
+
+pub struct DataApi {
+    pub store: Arc<TicketStore>,
+    /// The local service's socket, advertised in OPTIONS (`unix_socket`).
+    pub unix_socket: Option<String>,
+    /// Only the remote service answers `/info/`.
+    pub serves_info: bool,
+    pub tuning: Tuning,
+}
+
+/// The OPTIONS document, keys in the reference's order; the keys after `max_writers` are
+/// ferry's extensions (clients ignore unknown keys).
+#[derive(Default, serde::Serialize)]
+struct OptionsDoc<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_socket: Option<&'a str>,
+    features: &'a [&'a str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_readers: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_writers: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_block_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preferred_block_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_block_size: Option<u64>,
+}
+
+enum Route<'a> {
+    Image(&'a str),
+    Extents(&'a str),
+    Info,
+    Unknown,
+}
+
+fn route(path: &str) -> Route<'_> {
+    if path == "/info/" {
+        return Route::Info;
+    }
+    let Some(rest) = path.strip_prefix("/images/") else {
+        return Route::Unknown;
+    };
+    match rest.split_once('/') {
+        None => Route::Image(rest),
+        Some((id, "extents")) => Route::Extents(id),
+        // Typos and unimplemented sub-resources (checksum) are 404, not "no such ticket".
+        Some(_) => Route::Unknown,
+    }
+}
+
+/// Methods the router knows; others are 405 "Invalid method".
+fn known_method(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::PUT,
+        Method::PATCH,
+        Method::POST,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::HEAD,
+    ]
+    .contains(m)
+}
+
+impl Handler for DataApi {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        ctx: Arc<ConnCtx>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
+        Box::pin(async move {
+            let mut close = false;
+            let result = self.dispatch(req, &ctx, &mut close).await;
+            let mut resp = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    if e.status.is_server_error() {
+                        tracing::warn!(conn = ctx.id, status = e.status.as_u16(), "{}", e.message);
+                    } else {
+                        tracing::info!(conn = ctx.id, status = e.status.as_u16(), "{}", e.message);
+                    }
+                    e.into_response()
+                }
+            };
+            if close {
+                close_after(&mut resp);
+            }
+            resp
+        })
+    }
+}
+
+impl DataApi {
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        ctx: &Arc<ConnCtx>,
+        close: &mut bool,
+    ) -> Result<Response<Body>, HttpError> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        if !known_method(&method) {
+            return Err(HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("Invalid method '{method}'"),
+            ));
+        }
+        let not_defined = || {
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("Method '{method}' not defined for '{path}'"),
+            )
+        };
+        match route(&path) {
+            Route::Info if self.serves_info => match method {
+                Method::GET | Method::HEAD => {
+                    let mut resp = json(&serde_json::json!({
+                        "version": IMAGEIO_VERSION,
+                        "server": crate::conn::SERVER_NAME,
+                    }));
+                    cors(req.headers(), resp.headers_mut(), "*");
+                    Ok(resp)
+                }
+                _ => Err(not_defined()),
+            },
+            Route::Image(raw_id) => {
+                let id = crate::request::decode(raw_id);
+                if id.is_empty() {
+                    return Err(HttpError::bad_request("Empty ticket id"));
+                }
+                let q = query_pairs(req.uri());
+                *close = yes_no(&q, "close", false)?;
+                match method {
+                    Method::OPTIONS => self.options(&req, &id, ctx).await,
+                    Method::GET | Method::HEAD => self.get(&req, &id, ctx).await,
+                    Method::PUT => crate::upload::put(self, req, &id, ctx).await,
+                    Method::PATCH => crate::upload::patch(self, req, &id, ctx).await,
+                    _ => Err(not_defined()),
+                }
+            }
+            Route::Extents(raw_id) => {
+                let id = crate::request::decode(raw_id);
+                match method {
+                    Method::GET | Method::HEAD => self.extents(&req, &id, ctx).await,
+                    _ => Err(not_defined()),
+                }
+            }
+            _ => Err(HttpError::not_found(format!("No handler for '{path}'"))),
+        }
+    }
+
+    /// Authorizes `access` on ticket `id`, binds the connection and opens the backend.
+    pub(crate) async fn open(
+        &self,
+        id: &str,
+        access: Access,
+        ctx: &ConnCtx,
+    ) -> Result<(Arc<Ticket>, Arc<Backend>), HttpError> {
+        let ticket = self
+            .store
+            .authorize(id, access)
+            .map_err(|f| HttpError::forbidden(&f))?;
+        ctx.bind(&ticket);
+        let backend = ticket
+            .backend(async |spec| Backend::open(spec).await)
+            .await?;
+        Ok((ticket, backend))
+    }
+
+    async fn options(
+        &self,
+        req: &Request<Incoming>,
+        id: &str,
+        ctx: &ConnCtx,
+    ) -> Result<Response<Body>, HttpError> {
+        const ALL: &str = "OPTIONS,GET,PUT,PATCH";
+        // The reference lists "checksum" first; ferry does not serve checksums yet, so it
+        // must not advertise them. The order of the rest is fixed.
+        const RW: &[&str] = &["extents", "flush", "zero"];
+        let mut doc = OptionsDoc {
+            unix_socket: self.unix_socket.as_deref(),
+            features: RW,
+            ..OptionsDoc::default()
+        };
+        let allow = if id == "*" {
+            ALL
+        } else {
+            let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
+            ticket.touch();
+            let write = ticket.spec.allows(Access::Write);
+            if !write {
+                doc.features = &["extents"];
+            }
+            doc.max_readers = Some(backend.max_readers);
+            doc.max_writers = Some(backend.max_writers);
+            doc.size = Some(ticket.spec.size.min(backend.size));
+            doc.min_block_size = Some(backend.min_block());
+            doc.preferred_block_size = Some(backend.preferred_block());
+            doc.max_block_size = Some(backend.max_request());
+            if write { ALL } else { "OPTIONS,GET" }
+        };
+        let mut resp = json_text(serde_json::to_string(&doc).expect("options serialize"));
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+        cors(req.headers(), resp.headers_mut(), ALL);
+        Ok(resp)
+    }
+
+    async fn get(
+        &self,
+        req: &Request<Incoming>,
+        id: &str,
+        ctx: &Arc<ConnCtx>,
+    ) -> Result<Response<Body>, HttpError> {
+        let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
+        let ticket_size = ticket.spec.size;
+        let available = ticket_size.min(backend.size);
+        let (offset, length, partial) = match req.headers().get(RANGE) {
+            None => (0, available, false),
+            Some(h) => {
+                let text = h.to_str().unwrap_or("<non-ascii>");
+                let r = parse_range(text).map_err(|e| HttpError::range(e.0, None))?;
+                let last = r.last.unwrap_or(available.max(1) - 1);
+                if last >= ticket_size || r.first >= ticket_size {
+                    return Err(HttpError::range(
+                        "Requested range out of allowed range",
+                        Some(ticket_size),
+                    ));
+                }
+                if last >= available || r.first >= available {
+                    return Err(HttpError::range(
+                        format!(
+                            "Requested more bytes than available: {} > {available}",
+                            last + 1
+                        ),
+                        Some(available),
+                    ));
+                }
+                (r.first, last - r.first + 1, true)
+            }
+        };
+        let mut resp = if req.method() == Method::HEAD {
+            Response::new(empty_body())
+        } else {
+            let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
+            Response::new(download(
+                backend,
+                op,
+                ctx.busy(),
+                offset,
+                length,
+                self.tuning,
+            ))
+        };
+        if partial {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
+        let h = resp.headers_mut();
+        h.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let disposition = match &ticket.spec.filename {
+            Some(f) => HeaderValue::from_str(&format!("attachment; filename={f}"))
+                .unwrap_or(HeaderValue::from_static("attachment")),
+            None => HeaderValue::from_static("attachment"),
+        };
+        h.insert(CONTENT_DISPOSITION, disposition);
+        if partial {
+            let range = format!("bytes {}-{}/{ticket_size}", offset, offset + length - 1);
+            h.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
+        }
+        cors(req.headers(), resp.headers_mut(), "*");
+        Ok(resp)
+    }
+
+    async fn extents(
+        &self,
+        req: &Request<Incoming>,
+        id: &str,
+        ctx: &ConnCtx,
+    ) -> Result<Response<Body>, HttpError> {
+        let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
+        let q = query_pairs(req.uri());
+        match query_value(&q, "context").unwrap_or("zero") {
+            "zero" => {}
+            "dirty" if !ticket.spec.dirty => {
+                return Err(HttpError::not_found(
+                    "Ticket does not support dirty extents",
+                ));
+            }
+            "dirty" => {
+                return Err(HttpError::not_found(
+                    "Operation not supported: dirty extents need an NBD backend with a dirty bitmap",
+                ));
+            }
+            other => {
+                return Err(HttpError::bad_request(format!(
+                    "Unsupported value '{other}' for 'context', expecting one of ['dirty', 'zero']"
+                )));
+            }
+        }
+        let available = ticket.spec.size.min(backend.size);
+        let number = |key: &str| -> Result<Option<u64>, HttpError> {
+            query_value(&q, key)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        HttpError::bad_request(format!("Invalid value for '{key}': '{v}'"))
+                    })
+                })
+                .transpose()
+        };
+        let start = number("start")?.unwrap_or(0);
+        let length = match number("length")? {
+            Some(l) => l,
+            None => available.saturating_sub(start),
+        };
+        if start.checked_add(length).is_none_or(|end| end > available) {
+            return Err(HttpError::range(
+                "Requested range out of allowed range",
+                Some(available),
+            ));
+        }
+        let extents = backend.extents(start, length).await?;
+        // Counting extents as activity keeps a client that maps a huge image from expiring.
+        ticket.touch();
+        Ok(json_text(
+            serde_json::to_string(&extents).expect("extents serialize"),
+        ))
+    }
+}
+
+/// The body of a download: backend reads of at most `chunk` bytes, `depth` in flight, in
+/// order. Cancelling the ticket or a read error ends the body with an error, which makes hyper
+/// cut the response short and close the connection.
+fn download(
+    backend: Arc<Backend>,
+    op: crate::store::OpGuard,
+    busy: crate::conn::BusyGuard,
+    offset: u64,
+    length: u64,
+    tuning: Tuning,
+) -> Body {
+    let ticket = op.ticket().clone();
+    let chunk = tuning.chunk.min(backend.max_request()).max(1);
+    let pieces = split(offset, length, chunk);
+    let reads = futures_util::stream::iter(pieces)
+        .map(move |(off, len)| {
+            let backend = backend.clone();
+            let ticket = ticket.clone();
+            async move {
+                if ticket.is_canceled() {
+                    return Err(format!("Transfer={} was canceled", ticket.label()).into());
+                }
+                let data = backend.read(off, len).await.map_err(|e| {
+                    tracing::error!("download failed: {e}");
+                    Box::new(e) as BoxError
+                })?;
+                if data.len() as u64 != len {
+                    return Err(
+                        format!("short read at offset {off}: {} of {len}", data.len()).into(),
+                    );
+                }
+                Ok::<Bytes, BoxError>(data)
+            }
+        })
+        .buffered(tuning.depth.max(1))
+        .map(move |r| {
+            // The guards live as long as the stream: the operation ends when the body does.
+            let _ = &busy;
+            r.map(|data| {
+                op.progress(data.len() as u64);
+                Frame::data(data)
+            })
+        });
+    StreamBody::new(reads).boxed_unsync()
+}
+
+/// Splits [offset, offset+length) at multiples of `chunk`, so every piece after the first is
+/// aligned for the backend.
+pub(crate) fn split(offset: u64, length: u64, chunk: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let end = offset + length;
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / chunk) + 1) * chunk;
+        let n = next.min(end) - pos;
+        out.push((pos, n));
+        pos += n;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert!(matches!(route("/images/abc"), Route::Image("abc")));
+        assert!(matches!(
+            route("/images/abc/extents"),
+            Route::Extents("abc")
+        ));
+        assert!(matches!(route("/images/abc/extent"), Route::Unknown));
+        assert!(matches!(route("/images/abc/checksum"), Route::Unknown));
+        assert!(matches!(route("/images/a/b/c"), Route::Unknown));
+        assert!(matches!(route("/info/"), Route::Info));
+        assert!(matches!(route("/info"), Route::Unknown));
+        assert!(matches!(route("/tickets/x"), Route::Unknown));
+    }
+
+    #[test]
+    fn split_aligns_to_chunks() {
+        assert_eq!(split(0, 10, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(split(3, 6, 4), vec![(3, 1), (4, 4), (8, 1)]);
+        assert_eq!(split(5, 0, 4), vec![]);
+    }
+}

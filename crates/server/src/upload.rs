@@ -1,0 +1,398 @@
+//! The write side of the data API: PUT (streamed upload) and PATCH (`zero`, `flush`).
+//!
+//! A PUT body is never held whole: bytes from the socket fill pooled buffers of at most
+//! `chunk` bytes (cut at chunk-aligned offsets), each full buffer becomes one backend write,
+//! and at most `depth` writes are in flight, so reading the socket and writing the backend
+//! overlap while memory stays bounded. Cancellation stops reading at once, but writes already
+//! issued are always awaited: when the ticket's DELETE returns, nothing more reaches the disk.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use http::header::{CONTENT_LENGTH, CONTENT_RANGE, TRANSFER_ENCODING};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use crate::conn::ConnCtx;
+use crate::data::DataApi;
+use crate::range::parse_content_range;
+use crate::request::{cors, query_pairs, read_small_body, yes_no};
+use crate::respond::{Body, HttpError, empty};
+use crate::ticket::Access;
+
+/// Zeroing runs in steps of this size: a cancellation point between steps, and no single
+/// backend request long enough to hit storage timeouts (iSCSI/LIO).
+const ZERO_STEP: u64 = 128 << 20;
+
+type WriteFut = Pin<Box<dyn std::future::Future<Output = Result<u64, disk::DiskError>> + Send>>;
+
+pub(crate) async fn put(
+    api: &DataApi,
+    req: Request<Incoming>,
+    id: &str,
+    ctx: &Arc<ConnCtx>,
+) -> Result<Response<Body>, HttpError> {
+    // Errors before the body is read close the connection: the unread body must never be
+    // parsed as the next request.
+    let (parts, mut body) = req.into_parts();
+    let q = query_pairs(&parts.uri);
+    let flush = yes_no(&q, "flush", true).map_err(HttpError::closing)?;
+    let (ticket, backend) = api
+        .open(id, Access::Write, ctx)
+        .await
+        .map_err(HttpError::closing)?;
+    let headers = &parts.headers;
+    let chunked = headers.get(TRANSFER_ENCODING).is_some_and(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.to_ascii_lowercase().contains("chunked"))
+    });
+    let content_length = match headers.get(CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!("Invalid Content-Length {v:?}")).closing()
+                })?,
+        ),
+        None if chunked => None,
+        None => {
+            return Err(HttpError::bad_request("Content-Length header is required").closing());
+        }
+    };
+    let offset = match headers.get(CONTENT_RANGE) {
+        Some(v) => {
+            let text = v.to_str().unwrap_or("<non-ascii>");
+            parse_content_range(text)
+                .map_err(|m| HttpError::bad_request(m).closing())?
+                .first
+        }
+        None => 0,
+    };
+    let ticket_size = ticket.spec.size;
+    let available = ticket_size.min(backend.size);
+    if let Some(len) = content_length {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > ticket_size) {
+            return Err(HttpError::range(
+                "Requested range out of allowed range",
+                Some(ticket_size),
+            )
+            .closing());
+        }
+        if end.is_none_or(|e| e > available) {
+            return Err(HttpError::range(
+                format!(
+                    "Requested more bytes than available: {} > {available}",
+                    offset + len
+                ),
+                Some(available),
+            )
+            .closing());
+        }
+    } else if offset > available {
+        return Err(
+            HttpError::range("Requested range out of allowed range", Some(available)).closing(),
+        );
+    }
+    let limit = match content_length {
+        Some(len) => offset + len,
+        None => available,
+    };
+    let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
+
+    let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
+    let depth = api.tuning.depth.max(1);
+    let mut writes: FuturesUnordered<WriteFut> = FuturesUnordered::new();
+    // The buffer being filled: its absolute offset, the buffer, and bytes in it.
+    let mut pos = offset;
+    let mut buf: Option<(u64, bufpool::Buf, usize)> = None;
+    let mut received: u64 = 0;
+    let mut failure: Option<HttpError> = None;
+    let mut body_done = false;
+
+    let submit = |writes: &mut FuturesUnordered<WriteFut>, at: u64, data: Bytes| {
+        let backend = backend.clone();
+        let n = data.len() as u64;
+        writes.push(Box::pin(async move {
+            backend.write(at, data).await.map(|()| n)
+        }));
+    };
+
+    while !body_done || !writes.is_empty() {
+        if failure.is_some() && writes.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(done) = writes.next(), if !writes.is_empty() => match done {
+                Ok(n) => op.progress(n),
+                Err(e) => {
+                    if failure.is_none() {
+                        failure = Some(HttpError::from(e).closing());
+                    }
+                    body_done = true;
+                }
+            },
+            _ = ticket.cancelled(), if !body_done => {
+                failure = Some(HttpError::forbidden(&crate::store::Forbidden(format!(
+                    "Transfer={} was canceled", ticket.label()))));
+                body_done = true;
+            }
+            frame = tokio::time::timeout(ctx.timeout(), body.frame()),
+                if !body_done && writes.len() < depth =>
+            {
+                let data = match frame {
+                    Err(_) => {
+                        failure = Some(HttpError::bad_request(format!(
+                            "Timeout reading request body: {received} bytes received"
+                        )).closing());
+                        body_done = true;
+                        continue;
+                    }
+                    Ok(None) => {
+                        body_done = true;
+                        if let Some((at, b, filled)) = buf.take() {
+                            submit(&mut writes, at, b.freeze().slice(..filled));
+                        }
+                        continue;
+                    }
+                    Ok(Some(Err(e))) => {
+                        let expected = content_length.map_or("?".to_string(), |l| l.to_string());
+                        failure = Some(HttpError::bad_request(format!(
+                            "Requested {expected} bytes, available {received} bytes ({e})"
+                        )).closing());
+                        body_done = true;
+                        continue;
+                    }
+                    Ok(Some(Ok(f))) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue, // trailers
+                    },
+                };
+                received += data.len() as u64;
+                if offset + received > limit {
+                    failure = Some(HttpError::range(
+                        "Requested range out of allowed range", Some(available)).closing());
+                    body_done = true;
+                    continue;
+                }
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let (_, b, filled) = buf.get_or_insert_with(|| {
+                        let next = (pos / chunk + 1) * chunk;
+                        let size = next.min(limit) - pos;
+                        (pos, bufpool::get(size as usize), 0)
+                    });
+                    let n = rest.len().min(b.len() - *filled);
+                    b[*filled..*filled + n].copy_from_slice(&rest[..n]);
+                    *filled += n;
+                    rest = &rest[n..];
+                    pos += n as u64;
+                    if *filled == b.len() {
+                        let (at, b, _) = buf.take().expect("just filled");
+                        submit(&mut writes, at, b.freeze());
+                    }
+                }
+            }
+        }
+    }
+    // Every issued write has completed here; the operation may end. A ticket deleted while
+    // the last writes ran still fails the upload: the client must not think it landed.
+    if failure.is_none() && ticket.is_canceled() {
+        failure = Some(HttpError::forbidden(&crate::store::Forbidden(format!(
+            "Transfer={} was canceled",
+            ticket.label()
+        ))));
+    }
+    if let Some(e) = failure {
+        drop(op);
+        return Err(e);
+    }
+    if let Some(len) = content_length
+        && received != len
+    {
+        return Err(HttpError::bad_request(format!(
+            "Requested {len} bytes, available {received} bytes"
+        )));
+    }
+    if flush {
+        backend.ep.flush().await?;
+    }
+    drop(op);
+    let mut resp = empty(StatusCode::OK);
+    cors(&parts.headers, resp.headers_mut(), "*");
+    Ok(resp)
+}
+
+/// A PATCH operation, validated.
+#[derive(Debug, PartialEq, Eq)]
+enum Patch {
+    Zero { offset: u64, size: u64, flush: bool },
+    Flush,
+}
+
+fn parse_patch(body: &[u8]) -> Result<Patch, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid JSON message: {e}"))?;
+    let Value::Object(m) = v else {
+        return Err(format!("Invalid JSON message: expecting an object: {v}"));
+    };
+    let uint = |key: &str, default: Option<u64>| -> Result<u64, String> {
+        match m.get(key) {
+            None | Some(Value::Null) => {
+                default.ok_or_else(|| format!("Missing required value for '{key}'"))
+            }
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(x), _) => Ok(x),
+                (None, Some(neg)) => Err(format!("Invalid value {neg} < 0")),
+                _ => Err(format!("Integer required for '{key}': {n}")),
+            },
+            Some(other) => Err(format!("Integer required for '{key}': {other}")),
+        }
+    };
+    match m.get("op") {
+        None | Some(Value::Null) => Err("Missing required value for op".to_string()),
+        Some(Value::String(op)) if op == "zero" => {
+            let size = uint("size", None)?;
+            let offset = uint("offset", Some(0))?;
+            let flush = match m.get("flush") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => return Err(format!("Boolean required for 'flush': {other}")),
+            };
+            Ok(Patch::Zero {
+                offset,
+                size,
+                flush,
+            })
+        }
+        Some(Value::String(op)) if op == "flush" => Ok(Patch::Flush),
+        Some(other) => {
+            let shown = other.as_str().map_or(other.to_string(), str::to_owned);
+            Err(format!(
+                "Unsupported value '{shown}' for 'op', expecting one of ['flush', 'zero']"
+            ))
+        }
+    }
+}
+
+pub(crate) async fn patch(
+    api: &DataApi,
+    req: Request<Incoming>,
+    id: &str,
+    ctx: &Arc<ConnCtx>,
+) -> Result<Response<Body>, HttpError> {
+    // Authorize before reading the body, so a refused client cannot make us read anything.
+    api.store
+        .authorize(id, Access::Write)
+        .map_err(|f| HttpError::forbidden(&f))?;
+    let (parts, body) = req.into_parts();
+    let body = read_small_body(body, ctx.timeout()).await?;
+    let patch = parse_patch(&body).map_err(HttpError::bad_request)?;
+    let (ticket, backend) = api.open(id, Access::Write, ctx).await?;
+    match patch {
+        Patch::Zero {
+            offset,
+            size,
+            flush,
+        } => {
+            let end = offset.checked_add(size);
+            if end.is_none_or(|e| e > ticket.spec.size) {
+                return Err(HttpError::range(
+                    "Requested range out of allowed range",
+                    Some(ticket.spec.size),
+                ));
+            }
+            if end.is_none_or(|e| e > backend.size) {
+                return Err(HttpError::range(
+                    format!(
+                        "Requested more bytes than available: {} > {}",
+                        offset.saturating_add(size),
+                        backend.size
+                    ),
+                    Some(backend.size),
+                ));
+            }
+            let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
+            let allocate = !ticket.spec.sparse;
+            let mut pos = offset;
+            while pos < offset + size {
+                if ticket.is_canceled() {
+                    return Err(HttpError::forbidden(&crate::store::Forbidden(format!(
+                        "Transfer={} was canceled",
+                        ticket.label()
+                    ))));
+                }
+                let n = ZERO_STEP.min(offset + size - pos);
+                backend.zero(pos, n, allocate).await?;
+                op.progress(n);
+                pos += n;
+            }
+            if flush {
+                backend.ep.flush().await?;
+            }
+            drop(op);
+        }
+        Patch::Flush => {
+            let op = ticket.begin(0).map_err(|f| HttpError::forbidden(&f))?;
+            backend.ep.flush().await?;
+            drop(op);
+        }
+    }
+    let mut resp = empty(StatusCode::OK);
+    cors(&parts.headers, resp.headers_mut(), "*");
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_messages() {
+        assert_eq!(
+            parse_patch(br#"{"op": "zero", "offset": 4096, "size": 8192}"#).unwrap(),
+            Patch::Zero {
+                offset: 4096,
+                size: 8192,
+                flush: false
+            }
+        );
+        assert_eq!(
+            parse_patch(br#"{"op": "zero", "size": 1, "flush": true}"#).unwrap(),
+            Patch::Zero {
+                offset: 0,
+                size: 1,
+                flush: true
+            }
+        );
+        assert_eq!(
+            parse_patch(br#"{"op": "flush", "size": "x"}"#).unwrap(),
+            Patch::Flush
+        );
+        let err = |b: &[u8]| parse_patch(b).unwrap_err();
+        assert!(err(b"{").starts_with("Invalid JSON message"));
+        assert_eq!(err(b"{}"), "Missing required value for op");
+        assert_eq!(
+            err(br#"{"op": "trim"}"#),
+            "Unsupported value 'trim' for 'op', expecting one of ['flush', 'zero']"
+        );
+        assert_eq!(
+            err(br#"{"op": "zero"}"#),
+            "Missing required value for 'size'"
+        );
+        assert_eq!(
+            err(br#"{"op": "zero", "size": -1}"#),
+            "Invalid value -1 < 0"
+        );
+        assert!(err(br#"{"op": "zero", "size": "1"}"#).starts_with("Integer required"));
+        assert!(err(br#"{"op": "zero", "size": 1.5}"#).starts_with("Integer required"));
+        assert!(err(br#"{"op": "zero", "size": 1, "flush": 1}"#).starts_with("Boolean required"));
+    }
+}
