@@ -101,8 +101,15 @@ impl FileEndpoint {
         if meta.file_type().is_file() {
             // Truncating to 0 first discards old blocks, so the file then reads as zeroes. A
             // stream's size is unknown: the file grows, and set_size fixes it at the end.
+            // The truncation to 0 goes through a short-lived second handle: ext4 marks a file
+            // truncated to 0 for writeback on close (auto_da_alloc), and that mark is consumed
+            // when this handle closes, before any data is written. Through the main handle it
+            // would make the final close flush the whole copy to disk.
             let size = size.unwrap_or(0);
-            file.set_len(0)
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0))
                 .and_then(|_| file.set_len(size))
                 .map_err(|e| DiskError::from_io(&name, Op::Open, &e).at(0, size))?;
             truncated = true;

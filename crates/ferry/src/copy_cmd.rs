@@ -84,6 +84,15 @@ pub struct CopyArgs {
     pub nbd: NbdArgs,
 }
 
+/// Threads the copy may use: `-T`, or one per CPU.
+fn cpus(threads: u64) -> usize {
+    if threads > 0 {
+        threads as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 /// `4096`, `256k`, `4M`, `1G` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -294,10 +303,12 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         } else {
             args.requests as usize
         },
+        // Like nbdcopy: as many pipelines as connections, but no more than CPUs (each pipeline
+        // keeps its own queue of requests, so more would only add memory).
         workers: if synchronous {
             1
         } else {
-            args.connections as usize
+            (args.connections as usize).min(cpus(args.threads))
         },
         queue_bytes: args.queue_size.max(src_request),
         sparse: if args.sparse == 0 {
