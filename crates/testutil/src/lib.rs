@@ -7,15 +7,20 @@
 //!   and [`NbdServer`].
 //! - [`tls`]: a throwaway X.509 CA, server and client certificate in the layout qemu, nbdkit and
 //!   libnbd expect.
+//! - [`ferry_nbd`]: the real `ferry nbd-server` binary as a peer, ready once it writes its
+//!   `--ready-file`.
+//! - [`outcome`]: running a program that may fail and inspecting how it ended.
 //! - [`tools`]: running helper programs (qemu-img, qemu-io, nbdinfo, nbdcopy) with a timeout and
 //!   parsing their JSON maps.
 //!
 //! A missing program is a test failure, never a silent skip: [`require_binary`] panics with a
 //! message saying what to install.
 
+pub mod ferry_nbd;
 pub mod image;
 pub mod nbd_server;
 pub mod nbdkit;
+pub mod outcome;
 pub mod peer;
 pub mod qemu;
 pub mod tls;

@@ -62,7 +62,10 @@ pub async fn serve_connection(
         }
     };
     match negotiated {
-        Some(session) => transmission::serve(session, &config).await,
+        Some(session) => {
+            tracing::debug!(headers = ?session.mode, "NBD transmission phase");
+            transmission::serve(session, &config).await
+        }
         None => Ok(()),
     }
 }
@@ -125,6 +128,7 @@ pub async fn serve(listener: Listener, exports: Arc<dyn Exports>, config: Arc<Se
                 continue;
             }
         };
+        tracing::debug!(%peer, "NBD client connected");
         let (exports, config) = (exports.clone(), config.clone());
         tokio::spawn(async move {
             match serve_connection(stream, exports, config).await {

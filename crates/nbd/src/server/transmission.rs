@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::handshake::{BASE_ALLOCATION_ID, Session};
 use super::{Export, ExportError, ReadPiece, ServerConfig};
@@ -20,6 +20,11 @@ const MAX_DESCRIPTORS: usize = 1 << 20;
 /// One reply, as the byte pieces to write in order.
 type Frame = Vec<Bytes>;
 
+/// A reply on its way to the writer, with the request's in-flight permits: they are released
+/// only once the reply has been handed to the socket, so a client that stops reading replies
+/// stops the server from taking more requests instead of letting replies pile up.
+type Outgoing = (Frame, (OwnedSemaphorePermit, OwnedSemaphorePermit));
+
 pub async fn serve(session: Session, config: &ServerConfig) -> Result<()> {
     let Session {
         stream,
@@ -30,8 +35,8 @@ pub async fn serve(session: Session, config: &ServerConfig) -> Result<()> {
     } = session;
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    let writer = tokio::spawn(write_loop(BufWriter::with_capacity(64 * 1024, wr), rx));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let mut writer = tokio::spawn(write_loop(BufWriter::with_capacity(64 * 1024, wr), rx));
     let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let budget_total = config.max_in_flight_bytes.clamp(1, u32::MAX as u64) as u32;
     let budget = Arc::new(Semaphore::new(budget_total as usize));
@@ -42,11 +47,25 @@ pub async fn serve(session: Session, config: &ServerConfig) -> Result<()> {
         flags,
         tx,
     });
-    let result = read_loop(&mut rd, &ctx, &slots, &budget, budget_total).await;
+    let mut writer_ended = false;
+    let result = tokio::select! {
+        r = read_loop(&mut rd, &ctx, &slots, &budget, budget_total) => r,
+        // The writer only ends first when sending failed or stalled: no reply can reach the
+        // client any more, so stop taking requests and close.
+        w = &mut writer => {
+            writer_ended = true;
+            Err(match w {
+                Ok(Err(e)) => Error::io("sending replies", e),
+                _ => Error::Closed("the reply writer stopped".into()),
+            })
+        }
+    };
     // Let requests in flight finish and their replies go out, then close.
     let _ = slots.acquire_many(config.max_in_flight.max(1) as u32).await;
     drop(ctx);
-    let _ = writer.await;
+    if !writer_ended {
+        let _ = writer.await;
+    }
     result
 }
 
@@ -55,7 +74,7 @@ struct Ctx {
     mode: HeaderMode,
     base_allocation: bool,
     flags: u16,
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: mpsc::UnboundedSender<Outgoing>,
 }
 
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
@@ -117,15 +136,15 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let frame = handle(&ctx, req, payload).await;
-            let _ = ctx.tx.send(frame);
-            drop((slot, bytes));
+            // If the writer is gone the permits are dropped with the reply.
+            let _ = ctx.tx.send((frame, (slot, bytes)));
         });
     }
 }
 
 async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut wr: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
     // A client that stops reading replies for this long is dropped, so its requests (and the
     // memory they hold) cannot pile up forever.
@@ -133,10 +152,11 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     let timed = |r: std::result::Result<std::io::Result<()>, _>| {
         r.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     };
-    while let Some(frame) = rx.recv().await {
+    while let Some((frame, permits)) = rx.recv().await {
         for piece in frame {
             timed(tokio::time::timeout(stall, wr.write_all(&piece)).await)?;
         }
+        drop(permits);
         if rx.is_empty() {
             timed(tokio::time::timeout(stall, wr.flush()).await)?;
         }
@@ -179,7 +199,11 @@ fn validate(ctx: &Ctx, req: &Request) -> std::result::Result<(), ExportError> {
         return einval("command not supported by this export");
     }
     if req.flags & CMD_FLAG_FAST_ZERO != 0 && !caps.fast_zero {
-        return einval("FAST_ZERO was not advertised");
+        // The export says zeroing is not fast: that is exactly what ENOTSUP answers.
+        return Err(ExportError::new(
+            ENOTSUP,
+            "zeroing is not fast on this export",
+        ));
     }
     if req.command == CMD_FLUSH {
         return Ok(());
