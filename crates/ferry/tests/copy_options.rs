@@ -264,8 +264,9 @@ fn synchronous_runs_one_request_at_a_time() {
     assert_eq!(most, 1, "requests overlapped in --synchronous mode:\n{log}");
     assert!(logged(&log, "Read").len() > 8, "{log}");
 
-    // Without it, several pipelines run (the sample is small, but the settings show).
-    let run = ferry(["copy", "-v", src.to_str().unwrap(), "null:"]).run();
+    // Without it, several pipelines run (the sample is small, but the settings show): as
+    // many as connections, capped by threads (-T; one per CPU by default, like nbdcopy).
+    let run = ferry(["copy", "-v", "-T", "4", src.to_str().unwrap(), "null:"]).run();
     assert!(
         run.expect_ok().contains("pipelines=4 requests=64"),
         "{}",
