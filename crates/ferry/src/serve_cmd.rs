@@ -48,10 +48,18 @@ pub struct ServeArgs {
     /// Serve the control (ticket) API on this TCP address; keep it on loopback.
     #[arg(long, value_name = "ADDR:PORT")]
     pub control_listen: Option<String>,
+    /// Also export every ticket over NBD on this Unix socket, under its ticket id.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+    /// Also export every ticket over NBD on this TCP address (TLS when the data service has
+    /// it), under its ticket id.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nbd_listen: Option<String>,
     /// Install this ticket (imageio ticket JSON) at start-up; may be repeated.
     #[arg(long = "ticket", value_name = "FILE.json")]
     pub tickets: Vec<PathBuf>,
-    /// Once listening, write {"remote": ADDR, "local": PATH, "control": PATH-or-ADDR} here.
+    /// Once listening, write {"remote": ADDR, "local": PATH, "control": PATH-or-ADDR,
+    /// "nbd_socket": PATH, "nbd_listen": ADDR} here.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
 }
@@ -80,6 +88,8 @@ fn plan(args: ServeArgs) -> Result<(ServerConfig, Vec<PathBuf>, Option<PathBuf>)
         _ => return Err(usage("--tls-cert and --tls-key go together")),
     };
     cfg.local_socket = args.local_socket.or(file.local_socket);
+    cfg.nbd_socket = args.nbd_socket.or(file.nbd_socket);
+    cfg.nbd_listen = args.nbd_listen.or(file.nbd_listen);
     cfg.control = match (
         args.control_socket.or(file.control_socket),
         args.control_listen.or(file.control_listen),

@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub local_socket: Option<String>,
+    pub nbd_socket: Option<PathBuf>,
+    pub nbd_listen: Option<String>,
     pub control_socket: Option<String>,
     pub control_listen: Option<String>,
     #[serde(default)]

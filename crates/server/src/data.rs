@@ -56,6 +56,8 @@ pub struct DataApi {
     /// Only the remote service answers `/info/`.
     pub serves_info: bool,
     pub tuning: Tuning,
+    /// Where tickets are also served over NBD, advertised in OPTIONS (`nbd_url`).
+    pub nbd_url: Option<crate::server::NbdUrl>,
 }
 
 /// The OPTIONS document, keys in the reference's order; the keys after `max_writers` are
@@ -77,6 +79,8 @@ struct OptionsDoc<'a> {
     preferred_block_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_block_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbd_url: Option<String>,
 }
 
 enum Route<'a> {
@@ -250,6 +254,7 @@ impl DataApi {
             doc.min_block_size = Some(backend.min_block());
             doc.preferred_block_size = Some(backend.preferred_block());
             doc.max_block_size = Some(backend.max_request());
+            doc.nbd_url = self.nbd_url.as_ref().map(|u| u.for_ticket(id));
             if write { ALL } else { "OPTIONS,GET" }
         };
         let mut resp = json_text(serde_json::to_string(&doc).expect("options serialize"));

@@ -8,6 +8,7 @@
 //!   `aligned` turns byte ranges into whole-block I/O for exports that need it.
 //! - [`data`] and [`upload`]: the HTTP data API (`/images/{id}`, extents, `/info/`).
 //! - [`control`]: the ticket control API (`/tickets/{id}`); [`client`] speaks it.
+//! - [`nbd_export`]: every ticket also served over NBD under its ticket id.
 //! - [`conn`]: one HTTP connection (hyper), its timeouts and statistics; [`server`] binds the
 //!   listeners; [`config`] reads the TOML configuration file.
 //!
@@ -23,6 +24,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod data;
+pub mod nbd_export;
 pub mod range;
 pub mod request;
 pub mod respond;

@@ -44,6 +44,10 @@ pub struct ServerConfig {
     pub reap_grace: Duration,
     pub reap_interval: Duration,
     pub tuning: Tuning,
+    /// Export every ticket over NBD on this unix socket (never TLS).
+    pub nbd_socket: Option<PathBuf>,
+    /// Export every ticket over NBD on this TCP address (TLS when `tls` is set).
+    pub nbd_listen: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,8 @@ impl Default for ServerConfig {
             reap_grace: Duration::from_secs(600),
             reap_interval: Duration::from_secs(10),
             tuning: Tuning::default(),
+            nbd_socket: None,
+            nbd_listen: None,
         }
     }
 }
@@ -73,6 +79,9 @@ pub struct Server {
     socket_files: Vec<PathBuf>,
     /// Connections accepted so far by the remote, local and control services.
     accepted: Arc<[AtomicU64; 3]>,
+    /// Where tickets are exported over NBD: the unix socket and the TCP address.
+    nbd_socket: Option<PathBuf>,
+    nbd_listen: Option<SocketAddr>,
 }
 
 /// Index of each service in `Server::accepted`.
@@ -112,12 +121,61 @@ impl Server {
             }
             None => (None, None),
         };
+        // NBD export of every ticket, bound first so OPTIONS can say where it is.
+        let nbd_config = |tls: bool| {
+            let mut c = nbd::server::ServerConfig::default();
+            if tls && let Some((cert, key)) = &cfg.tls {
+                c.tls = nbd::server::tls_server_config(cert, key).ok();
+            }
+            Arc::new(c)
+        };
+        let nbd_exports: Arc<dyn nbd::server::Exports> =
+            Arc::new(crate::nbd_export::TicketExports {
+                store: store.clone(),
+            });
+        let mut nbd_url = None;
+        let mut nbd_listen = None;
+        if let Some(path) = &cfg.nbd_socket {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("listening on {}: {e}", path.display()))
+            })?;
+            socket_files.push(path.clone());
+            nbd_url = Some(NbdUrl {
+                prefix: "nbd+unix:///".into(),
+                suffix: format!("?socket={}", path.display()),
+            });
+            tasks.push(tokio::spawn(nbd::server::serve(
+                nbd::server::Listener::Unix(l),
+                nbd_exports.clone(),
+                nbd_config(false),
+            )));
+        }
+        if let Some(addr) = &cfg.nbd_listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
+            let bound = l.local_addr()?;
+            let scheme = if cfg.tls.is_some() { "nbds" } else { "nbd" };
+            // Remote clients need the TCP address more than a local socket path.
+            nbd_url = Some(NbdUrl {
+                prefix: format!("{scheme}://{bound}/"),
+                suffix: String::new(),
+            });
+            nbd_listen = Some(bound);
+            tasks.push(tokio::spawn(nbd::server::serve(
+                nbd::server::Listener::Tcp(l),
+                nbd_exports.clone(),
+                nbd_config(true),
+            )));
+        }
         let data = |serves_info: bool| -> Arc<dyn Handler> {
             Arc::new(DataApi {
                 store: store.clone(),
                 unix_socket: unix_socket.clone(),
                 serves_info,
                 tuning: cfg.tuning,
+                nbd_url: nbd_url.clone(),
             })
         };
         tasks.push(tokio::spawn(accept_tcp(
@@ -197,6 +255,8 @@ impl Server {
             tasks,
             socket_files,
             accepted,
+            nbd_socket: cfg.nbd_socket.clone(),
+            nbd_listen,
         })
     }
 
@@ -220,6 +280,8 @@ impl Server {
             "remote": self.remote.to_string(),
             "local": self.local,
             "control": self.control,
+            "nbd_socket": self.nbd_socket,
+            "nbd_listen": self.nbd_listen.map(|a| a.to_string()),
         })
     }
 }
@@ -330,5 +392,26 @@ async fn accept_unix(
         let ctx = ConnCtx::new(id, service, "unix".to_string(), auth_timeout);
         let handler = handler.clone();
         tokio::spawn(async move { serve(stream, ctx, handler).await });
+    }
+}
+
+/// How OPTIONS tells clients where a ticket's NBD export is: `prefix + ticket id + suffix`.
+#[derive(Debug, Clone)]
+pub struct NbdUrl {
+    pub prefix: String,
+    pub suffix: String,
+}
+
+impl NbdUrl {
+    pub fn for_ticket(&self, id: &str) -> String {
+        let mut path = String::new();
+        for b in id.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                path.push(b as char);
+            } else {
+                path.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!("{}{path}{}", self.prefix, self.suffix)
     }
 }
