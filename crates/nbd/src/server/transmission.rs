@@ -95,6 +95,11 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Err(e) => return Err(Error::io("reading a request", e)),
         }
         let req = Request::decode(&header[..len], ctx.mode)?;
+        if ctx.export.is_cancelled() {
+            // The export was withdrawn (a deleted ticket): end the connection instead of
+            // answering every further request with an error.
+            return Err(Error::Closed("the export was cancelled".into()));
+        }
         tracing::trace!(
             command = command_name(req.command),
             flags = req.flags,
