@@ -247,7 +247,8 @@ impl<'a> Worker<'a> {
             }
             let len = end - start;
             let extents = if opts.extents && self.src.caps().extents {
-                let ext = self.src.extents(start, len).await?;
+                let src = self.src;
+                let ext = self.drive(src.extents(start, len)).await??;
                 check_coverage(self.src.name(), &ext, start, end)?;
                 ext
             } else {
@@ -262,7 +263,8 @@ impl<'a> Worker<'a> {
                     }
                     self.complete_one().await?;
                 }
-                self.dst_map = self.dst.extents(start, len).await?;
+                let dst = self.dst;
+                self.dst_map = self.drive(dst.extents(start, len)).await??;
             }
             let zero_align = self.dst.caps().min_block.max(1);
             let src_depth = self.src.caps().queue_depth.max(1);
@@ -303,6 +305,26 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Awaits `fut` while still completing the pipeline's requests. Requests queued on an
+    /// endpoint hold its slots once granted (semaphores are fair), so awaiting another call on
+    /// the same endpoint without polling them could wait forever.
+    async fn drive<T>(
+        &mut self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, CopyError> {
+        tokio::pin!(fut);
+        loop {
+            if self.ops == 0 {
+                return Ok(fut.await);
+            }
+            tokio::select! {
+                biased;
+                out = &mut fut => return Ok(out),
+                done = self.complete_one() => done?,
+            }
+        }
     }
 
     /// Waits for the next completion: the oldest read (FIFO) or any write.

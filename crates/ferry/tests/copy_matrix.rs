@@ -330,3 +330,53 @@ fn failing_source_into_null_fails() {
         "{stderr}"
     );
 }
+
+/// More pipelines × requests than the single NBD connection has slots, with block-status calls
+/// on the destination between writes: requests granted a slot but not yet polled must not
+/// starve those calls (`ferry demo`'s qcow2 step hung that way; scripts/test runs the demo).
+/// The run's timeout turns a hang into a failure.
+#[test]
+fn many_pipelines_into_one_nbd_connection_do_not_deadlock() {
+    let dir = testutil::temp_dir();
+    // Many data runs between holes: many block-status calls on the destination while writes
+    // queue up behind the connection's slots.
+    let mut layout = testutil::Layout::new();
+    for i in 0..48 {
+        layout = layout.data(3 << 20, i).hole(1 << 20);
+    }
+    let src = dir.path().join("src.raw");
+    testutil::make_sparse_image(&src, &layout);
+    let qcow2 = dir.path().join("dst.qcow2");
+    let q = qcow2.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", q, &layout.size().to_string()]);
+    ferry([
+        "copy",
+        "-T",
+        "8",
+        "-C",
+        "8",
+        "-R",
+        "64",
+        src.to_str().unwrap(),
+        "[",
+        "qemu-nbd",
+        "-f",
+        "qcow2",
+        q,
+        "]",
+    ])
+    .run()
+    .expect_ok();
+    let back = dir.path().join("back.raw");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        q,
+        back.to_str().unwrap(),
+    ]);
+    assert_file_matches(&back, &layout);
+}
