@@ -58,6 +58,18 @@ pub fn get(len: usize) -> Buf {
     Buf { vec, len }
 }
 
+/// `len` zero bytes, for writing zeroes as data: shared static memory up to 1 MiB, so the
+/// common case allocates nothing.
+pub fn zero_bytes(len: usize) -> Bytes {
+    const SHARED: usize = 1 << 20;
+    static ZEROES: [u8; SHARED] = [0; SHARED];
+    if len <= SHARED {
+        Bytes::from_static(&ZEROES[..len])
+    } else {
+        Bytes::from(vec![0u8; len])
+    }
+}
+
 /// A buffer of `len` zero bytes from the pool.
 pub fn zeroed(len: usize) -> Buf {
     let mut b = get(len);
@@ -154,6 +166,13 @@ mod tests {
         b.fill(0xff);
         drop(b);
         assert!(zeroed(8 << 10).iter().all(|x| *x == 0));
+    }
+
+    #[test]
+    fn zero_bytes_are_zero() {
+        assert!(zero_bytes(100).iter().all(|b| *b == 0));
+        assert_eq!(zero_bytes(3 << 20).len(), 3 << 20);
+        assert!(zero_bytes(3 << 20).iter().all(|b| *b == 0));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::extents::Extent;
+pub use bufpool::zero_bytes;
 pub use nbd::error::io_reason;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, DiskError>> + Send + 'a>>;
@@ -182,17 +183,6 @@ pub trait Endpoint: Send + Sync {
     }
 }
 
-/// A buffer of `len` zero bytes, shared for endpoints that must write zeroes as data.
-pub fn zero_bytes(len: usize) -> Bytes {
-    const SHARED: usize = 1 << 20;
-    static ZEROES: [u8; SHARED] = [0; SHARED];
-    if len <= SHARED {
-        Bytes::from_static(&ZEROES[..len])
-    } else {
-        Bytes::from(vec![0u8; len])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,11 +198,5 @@ mod tests {
              No space left on device (ENOSPC)"
         );
         assert_eq!(e.errno, Some(libc::ENOSPC));
-    }
-
-    #[test]
-    fn zero_bytes_are_zero() {
-        assert!(zero_bytes(100).iter().all(|b| *b == 0));
-        assert_eq!(zero_bytes(3 << 20).len(), 3 << 20);
     }
 }

@@ -130,14 +130,3 @@ impl Exports for SingleExport {
         vec![(self.name.clone(), self.export.description())]
     }
 }
-
-/// `len` zero bytes, shared when small.
-pub(crate) fn zeroes(len: usize) -> Bytes {
-    const SHARED: usize = 1 << 20;
-    static ZEROES: [u8; SHARED] = [0; SHARED];
-    if len <= SHARED {
-        Bytes::from_static(&ZEROES[..len])
-    } else {
-        Bytes::from(vec![0u8; len])
-    }
-}

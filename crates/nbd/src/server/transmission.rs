@@ -414,7 +414,7 @@ fn read_frame(ctx: &Ctx, req: &Request, pieces: Vec<ReadPiece>) -> Frame {
 fn piece_bytes(p: ReadPiece) -> Bytes {
     match p {
         ReadPiece::Data(b) => b,
-        ReadPiece::Hole(n) => crate::server::export::zeroes(n as usize),
+        ReadPiece::Hole(n) => bufpool::zero_bytes(n as usize),
     }
 }
 
