@@ -315,6 +315,12 @@ impl<'a> Worker<'a> {
         fut: impl std::future::Future<Output = T>,
     ) -> Result<T, CopyError> {
         tokio::pin!(fut);
+        if self.shared.opts.requests <= 1 {
+            // One request at a time (--synchronous): finish what is queued first.
+            while self.ops > 0 && !self.shared.stopped() {
+                self.complete_one().await?;
+            }
+        }
         loop {
             if self.ops == 0 {
                 return Ok(fut.await);
