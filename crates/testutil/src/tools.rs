@@ -2,10 +2,9 @@
 //! extent maps they print as JSON, so tests can compare the client's view of an export with
 //! independent implementations.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -15,45 +14,16 @@ pub const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs `cmd` to completion and returns its stdout. Panics with the command line and its stderr
 /// if it fails or outlives [`TOOL_TIMEOUT`] (it is killed then).
 pub fn run(cmd: &mut Command) -> String {
-    let line = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {line}: {e}"));
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if start.elapsed() > TOOL_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{line} did not finish within {TOOL_TIMEOUT:?}");
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => panic!("waiting for {line}: {e}"),
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    let o = crate::outcome::run_outcome(cmd, TOOL_TIMEOUT);
     assert!(
-        status.success(),
-        "{line} failed ({status}):\nstderr: {stderr}\nstdout: {stdout}"
+        o.status.success(),
+        "{} failed ({}):\nstderr: {}\nstdout: {}",
+        o.line,
+        o.status,
+        o.stderr,
+        o.stdout
     );
-    stdout
+    o.stdout
 }
 
 /// Runs `qemu-img ARGS`.
