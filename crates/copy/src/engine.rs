@@ -13,7 +13,9 @@ use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 
 use crate::plan::{Step, needs_zeroing, plan};
 use crate::sparse;
-use crate::{Cancel, CopyError, CopyOptions, DestinationZero, Job, Progress, Stats};
+use crate::{
+    Cancel, CopyError, CopyOptions, DestinationZero, Job, Progress, SourceObserver, Stats,
+};
 
 /// Source offset not yet known to be past the end (streams learn their size by reading).
 const UNKNOWN_END: u64 = u64::MAX;
@@ -21,6 +23,7 @@ const UNKNOWN_END: u64 = u64::MAX;
 struct Shared {
     src: Arc<dyn Endpoint>,
     dst: Arc<dyn Endpoint>,
+    observer: Option<Arc<dyn SourceObserver>>,
     opts: CopyOptions,
     progress: Arc<Progress>,
     cancel: Cancel,
@@ -78,7 +81,7 @@ pub async fn copy(
     cancel: Cancel,
 ) -> Result<Stats, CopyError> {
     let started = Instant::now();
-    let (src, dst) = (job.src, job.dst);
+    let (src, dst, observer) = (job.src, job.dst, job.observer);
     let dst_caps = dst.caps().clone();
     if dst_caps.read_only {
         return Err(CopyError::ReadOnly(dst.name().to_string()));
@@ -131,6 +134,7 @@ pub async fn copy(
     let shared = Arc::new(Shared {
         src,
         dst,
+        observer,
         opts,
         progress,
         cancel,
@@ -300,7 +304,12 @@ impl<'a> Worker<'a> {
                         self.ops += 1;
                         self.bytes += len;
                     }
-                    Step::Zero { offset, len } => self.zero(offset, len),
+                    Step::Zero { offset, len } => {
+                        if let Some(observer) = &self.shared.observer {
+                            observer.zero(offset, len);
+                        }
+                        self.zero(offset, len)
+                    }
                 }
             }
         }
@@ -386,6 +395,9 @@ impl<'a> Worker<'a> {
         }
         // Budget bytes of the read beyond what arrived are released now.
         self.bytes -= len - got;
+        if let Some(observer) = &self.shared.observer {
+            observer.data(offset, &data);
+        }
         let opts = &self.shared.opts;
         let pieces = if opts.sparse > 0 && !opts.allocated {
             sparse::split(&data, offset, opts.sparse as usize)

@@ -147,4 +147,26 @@ impl Cancel {
 pub struct Job {
     pub src: Arc<dyn Endpoint>,
     pub dst: Arc<dyn Endpoint>,
+    /// Sees the source's content as it is read (to hash it on the way); `None` for most copies.
+    pub observer: Option<Arc<dyn SourceObserver>>,
+}
+
+impl Job {
+    pub fn new(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> Job {
+        Job {
+            src,
+            dst,
+            observer: None,
+        }
+    }
+}
+
+/// Sees the source's content as the copy learns it, so it can be hashed without a second
+/// read (`copy --verify`, `--blkhash`). Calls come from several workers, in no particular
+/// order, and together cover the source exactly once when the copy succeeds.
+pub trait SourceObserver: Send + Sync {
+    /// `data` was read from the source at `offset`.
+    fn data(&self, offset: u64, data: &bytes::Bytes);
+    /// [offset, offset+len) reads as zeroes according to the source's extents (not read).
+    fn zero(&self, offset: u64, len: u64);
 }

@@ -380,10 +380,7 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             cancel.cancel();
         })
     };
-    let job = Job {
-        src: src.clone(),
-        dst: dst.clone(),
-    };
+    let job = Job::new(src.clone(), dst.clone());
     let result = copy::copy(job, opts, progress.clone(), cancel).await;
     interrupt.abort();
     let _ = done_tx.send(result.is_ok());

@@ -164,10 +164,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
 /// Copies with the engine's defaults.
 async fn run_copy(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> anyhow::Result<Stats> {
     let size = src.caps().size;
-    let job = Job {
-        src: src.clone(),
-        dst: dst.clone(),
-    };
+    let job = Job::new(src.clone(), dst.clone());
     let stats = copy::copy(
         job,
         CopyOptions::default(),
