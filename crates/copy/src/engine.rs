@@ -1,5 +1,6 @@
 //! The scheduler: shared work cursor, per-worker pipelines, first-error-stops, final flush.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use disk::{DiskError, Endpoint, Extent};
+use disk::{DiskError, Endpoint, Extent, StreamReader, StreamWriter};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 
@@ -205,6 +206,14 @@ struct Worker<'a> {
     bytes: u64,
     /// Destination extents of the current work range, when asked for.
     dst_map: Vec<Extent>,
+    /// Streams each data run to the destination as one request (HTTP PUT).
+    writer: Option<Box<dyn StreamWriter>>,
+    /// Data runs planned but not yet begun on the writer, in order.
+    write_runs: VecDeque<(u64, u64)>,
+    /// End of the run the writer is in, when it is in one.
+    write_run_end: Option<u64>,
+    /// Reads each data run of the source as one request (HTTP ranged GET).
+    reader: Option<Box<dyn StreamReader>>,
 }
 
 impl<'a> Worker<'a> {
@@ -218,12 +227,27 @@ impl<'a> Worker<'a> {
             ops: 0,
             bytes: 0,
             dst_map: Vec::new(),
+            // Streams of unknown length (pipes) cannot announce a run's length up front.
+            writer: shared
+                .src
+                .caps()
+                .size
+                .and_then(|_| shared.dst.stream_writer()),
+            write_runs: VecDeque::new(),
+            write_run_end: None,
+            reader: shared.src.stream_reader(),
         }
     }
 
     async fn run(mut self) {
         if let Err(e) = self.copy_ranges().await {
             self.shared.fail(e);
+        }
+        if self.shared.stopped() {
+            // An unfinished streamed run is abandoned: its request fails instead of waiting
+            // for data that will not come.
+            self.writer = None;
+            self.reader = None;
         }
         // Drain: writes and zeroes in flight finish (or fail) before the worker ends, so the
         // destination is left in a known state. Reads still in flight after a stop would only
@@ -273,7 +297,17 @@ impl<'a> Worker<'a> {
             let zero_align = self.dst.caps().min_block.max(1);
             let src_depth = self.src.caps().queue_depth.max(1);
             let dst_depth = self.dst.caps().queue_depth.max(1);
-            for step in plan(&extents, start, end, opts.src_request.max(1), zero_align) {
+            let steps = plan(&extents, start, end, opts.src_request.max(1), zero_align);
+            let runs = data_runs(&steps);
+            if self.writer.is_some() {
+                self.write_runs.extend(runs.iter().copied());
+            }
+            let mut read_runs: VecDeque<(u64, u64)> = if self.reader.is_some() {
+                runs.into()
+            } else {
+                VecDeque::new()
+            };
+            for step in steps {
                 if self.shared.stopped() {
                     return Ok(());
                 }
@@ -297,10 +331,20 @@ impl<'a> Worker<'a> {
                         if offset >= self.shared.end.load(Ordering::Relaxed) {
                             break;
                         }
-                        let src = self.src;
-                        self.reads.push_back(Box::pin(async move {
-                            (offset, len, src.read(offset, len).await)
-                        }));
+                        if let Some(reader) = self.reader.as_mut() {
+                            if read_runs.front().is_some_and(|r| r.0 == offset) {
+                                let (run_start, run_len) = read_runs.pop_front().expect("front");
+                                reader.begin(run_start, run_len);
+                            }
+                            let piece = reader.read(len);
+                            self.reads
+                                .push_back(Box::pin(async move { (offset, len, piece.await) }));
+                        } else {
+                            let src = self.src;
+                            self.reads.push_back(Box::pin(async move {
+                                (offset, len, src.read(offset, len).await)
+                            }));
+                        }
                         self.ops += 1;
                         self.bytes += len;
                     }
@@ -398,6 +442,9 @@ impl<'a> Worker<'a> {
         if let Some(observer) = &self.shared.observer {
             observer.data(offset, &data);
         }
+        if self.stream(offset, &data) {
+            return Ok(());
+        }
         let opts = &self.shared.opts;
         let pieces = if opts.sparse > 0 && !opts.allocated {
             sparse::split(&data, offset, opts.sparse as usize)
@@ -436,6 +483,37 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
+    /// Sends a completed read into the destination's current streamed run, beginning the run
+    /// at its first piece. False when the destination does not stream. Zero detection does
+    /// not apply inside a run: its length was announced when it began.
+    fn stream(&mut self, offset: u64, data: &Bytes) -> bool {
+        let Some(writer) = self.writer.as_mut() else {
+            return false;
+        };
+        if self.write_run_end.is_none_or(|end| offset >= end)
+            && let Some(&(run_start, run_len)) = self.write_runs.front()
+            && run_start == offset
+        {
+            self.write_runs.pop_front();
+            writer.begin(run_start, run_len);
+            self.write_run_end = Some(run_start + run_len);
+        }
+        let n = data.len() as u64;
+        let piece = writer.push(data.clone());
+        if self.write_run_end == Some(offset + n) {
+            self.write_run_end = None;
+        }
+        let shared = self.shared;
+        self.writes.push(Box::pin(async move {
+            piece.await?;
+            shared.written.fetch_add(n, Ordering::Relaxed);
+            shared.progress.add(n);
+            Ok(n)
+        }));
+        self.ops += 1;
+        true
+    }
+
     /// Zeroes [offset, offset+len) on the destination unless it already reads as zero.
     fn zero(&mut self, offset: u64, len: u64) {
         let shared = self.shared;
@@ -464,6 +542,25 @@ impl<'a> Worker<'a> {
             self.ops += 1;
         }
     }
+}
+
+/// Contiguous runs of reads in a plan: each is streamed as one request where endpoints stream.
+fn data_runs(steps: &[Step]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut joinable = false;
+    for step in steps {
+        match *step {
+            Step::Read { offset, len } => match runs.last_mut() {
+                Some(run) if joinable && run.0 + run.1 == offset => run.1 += len,
+                _ => {
+                    runs.push((offset, len));
+                    joinable = true;
+                }
+            },
+            Step::Zero { .. } => joinable = false,
+        }
+    }
+    runs
 }
 
 /// Extents must cover the work range exactly; a server that says less is broken.

@@ -45,6 +45,11 @@ pub struct Caps {
     pub queue_depth: usize,
     /// The whole endpoint is known to read as zeroes (a fresh or truncated file, `null:`).
     pub known_zero: bool,
+    /// Writes are best sent as one long request per data run ([`Endpoint::stream_writer`]):
+    /// an HTTP server takes a run as one PUT instead of a request per piece.
+    pub stream_writes: bool,
+    /// Data runs are best read as one long request ([`Endpoint::stream_reader`]).
+    pub stream_reads: bool,
 }
 
 impl Caps {
@@ -65,6 +70,8 @@ impl Caps {
             default_request: 256 << 10,
             queue_depth: 64,
             known_zero: false,
+            stream_writes: false,
+            stream_reads: false,
         }
     }
 }
@@ -147,6 +154,24 @@ impl DiskError {
     }
 }
 
+/// A pipeline's streaming writer, from [`Endpoint::stream_writer`]: each run of the
+/// destination is written as one long request, runs one after another in the order begun.
+/// `begin` opens a run; `push` queues its next piece at once (so call order is stream order)
+/// and resolves when the piece has been sent, or, for a run's last piece, when the run is done.
+/// Pieces must cover each run exactly.
+pub trait StreamWriter: Send + Sync {
+    fn begin(&mut self, offset: u64, len: u64);
+    fn push(&mut self, data: Bytes) -> BoxFut<'static, ()>;
+}
+
+/// A pipeline's streaming reader, from [`Endpoint::stream_reader`]: each run of the source is
+/// read as one long request, in the order begun. `read` queues a request for the next `len`
+/// bytes of the current run at once, in call order.
+pub trait StreamReader: Send + Sync {
+    fn begin(&mut self, offset: u64, len: u64);
+    fn read(&mut self, len: u64) -> BoxFut<'static, Bytes>;
+}
+
 /// One side of a copy. All methods may be called concurrently when `caps().concurrent`.
 pub trait Endpoint: Send + Sync {
     /// How the user named it (URI or path), for messages.
@@ -171,6 +196,15 @@ pub trait Endpoint: Send + Sync {
     /// stream was copied into it). Endpoints of fixed size ignore it.
     fn set_size(&self, _size: u64) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+    /// A streaming writer for one pipeline when `caps().stream_writes`. Runs of one writer
+    /// never wait on each other's connection, so pipelines cannot starve one another.
+    fn stream_writer(&self) -> Option<Box<dyn StreamWriter>> {
+        None
+    }
+    /// A streaming reader for one pipeline when `caps().stream_reads`.
+    fn stream_reader(&self) -> Option<Box<dyn StreamReader>> {
+        None
     }
     /// Releases the endpoint (soft disconnect, child process stop). Idempotent.
     fn close(&self) -> BoxFut<'_, ()> {

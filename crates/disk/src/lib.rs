@@ -11,5 +11,5 @@ pub mod null;
 pub mod pipe;
 pub mod subprocess;
 
-pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op};
+pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, StreamReader, StreamWriter};
 pub use extents::Extent;

@@ -64,6 +64,8 @@ impl NbdEndpoint {
             default_request: DEFAULT_NBD_REQUEST.clamp(min, max),
             queue_depth: 64,
             known_zero: false,
+            stream_writes: false,
+            stream_reads: false,
         };
         NbdEndpoint {
             name: name.to_string(),

@@ -24,7 +24,9 @@ use crate::{Failure, human, usage};
 #[command(
     version,
     after_help = "SRC and DST: FILE | DEVICE | NBD-URI | - (stdin/stdout) | [ CMD ARGS ... ] \
-                  (an NBD server started with socket activation); DST may also be null:.\n\
+                  (an NBD server started with socket activation) | https://HOST:PORT/images/TICKET \
+                  (an imageio transfer URL); SRC may also be any http(s) URL of a raw image; DST may \
+                  also be null:.\n\
                   Sizes accept K, M, G suffixes (powers of 1024)."
 )]
 pub struct CopyArgs {
@@ -82,6 +84,34 @@ pub struct CopyArgs {
     pub verbose: bool,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// Flags of HTTP endpoints (imageio URLs and plain https sources).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HttpArgs {
+    /// PEM file of CA certificates that sign an https server's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Do not verify an https server's certificate (the connection is still encrypted).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Always use TCP, even when an imageio server on this host offers its Unix socket.
+    #[arg(long)]
+    pub no_unix_socket: bool,
+}
+
+impl HttpArgs {
+    pub fn options(&self, connections: usize, write: bool) -> imageio::HttpOptions {
+        imageio::HttpOptions {
+            ca_file: self.cafile.clone(),
+            insecure: self.insecure,
+            connections,
+            write,
+            unix_socket: !self.no_unix_socket,
+        }
+    }
 }
 
 /// Threads the copy may use: `-T`, or one per CPU.
@@ -129,6 +159,7 @@ fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
 /// How a command-line word names an endpoint.
 enum Spec {
     Nbd(nbd::uri::NbdUri),
+    Http(String),
     Stdio,
     Null,
     Command(Vec<String>),
@@ -145,6 +176,9 @@ fn spec(word: &str) -> Result<Spec, Failure> {
     if word == "null:" {
         return Ok(Spec::Null);
     }
+    if imageio::is_http_url(word) {
+        return Ok(Spec::Http(word.to_string()));
+    }
     match crate::endpoint::Target::parse(word)? {
         crate::endpoint::Target::Nbd(uri) => Ok(Spec::Nbd(uri)),
         crate::endpoint::Target::File(path) => Ok(Spec::Path(path)),
@@ -153,6 +187,9 @@ fn spec(word: &str) -> Result<Spec, Failure> {
 
 struct Opened {
     endpoint: Arc<dyn Endpoint>,
+    /// An HTTP endpoint: the connections it will use (one pipeline each), and what the server
+    /// offers, for -v.
+    http: Option<(usize, String)>,
 }
 
 async fn open(
@@ -171,7 +208,24 @@ async fn open(
         opts.max_in_flight = (args.requests as usize).max(1) * 2;
         opts
     };
+    let mut http = None;
     let endpoint: Arc<dyn Endpoint> = match spec {
+        Spec::Http(url) => {
+            let ep = imageio::open(&url, &args.http.options(connections, !source)).await?;
+            let info = ep.server();
+            http = Some((
+                ep.connections(),
+                format!(
+                    "{} features={} max_readers={:?} max_writers={:?} via {}",
+                    if info.imageio { "imageio" } else { "http" },
+                    info.features.join(","),
+                    info.max_readers,
+                    info.max_writers,
+                    info.transport
+                ),
+            ));
+            Arc::new(ep)
+        }
         Spec::Nbd(uri) => {
             let opts = with_requests(args.nbd.connect_options(&uri)?);
             // The destination's extents let the engine skip zeroing what already reads as zero.
@@ -197,7 +251,7 @@ async fn open(
         Spec::Stdio => Arc::new(PipeEndpoint::stdout()?),
         Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
     };
-    Ok(Opened { endpoint })
+    Ok(Opened { endpoint, http })
 }
 
 fn open_path(
@@ -269,15 +323,23 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     let src_spec = spec(&args.source)?;
     let dst_spec = spec(&args.destination)?;
 
-    let src = open(src_spec, &args, true, None).await?.endpoint;
+    let src_opened = open(src_spec, &args, true, None).await?;
+    let src = src_opened.endpoint;
     let src_size = src.caps().size;
-    let dst = match open(dst_spec, &args, false, src_size).await {
-        Ok(o) => o.endpoint,
+    let dst_opened = match open(dst_spec, &args, false, src_size).await {
+        Ok(o) => o,
         Err(e) => {
             let _ = src.close().await;
             return Err(e);
         }
     };
+    let dst = dst_opened.endpoint;
+    // HTTP pipelines wait on the network, not on CPUs: one per connection the server allows.
+    let http_pipelines = [&src_opened.http, &dst_opened.http]
+        .into_iter()
+        .flatten()
+        .map(|(n, _)| *n)
+        .min();
     let (sc, dc) = (src.caps().clone(), dst.caps().clone());
 
     // Per-side request sizes: the user's, else the endpoint's default; never below what the
@@ -307,6 +369,8 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         // keeps its own queue of requests, so more would only add memory).
         workers: if synchronous {
             1
+        } else if let Some(n) = http_pipelines {
+            n
         } else {
             (args.connections as usize).min(cpus(args.threads))
         },
@@ -318,7 +382,9 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         },
         allocated: args.allocated,
         destination_is_zero: args.destination_is_zero,
-        flush: args.flush,
+        // Uploads are sent with flush=n, as imageio's own client does: one flush at the end
+        // makes them durable.
+        flush: args.flush || dst_opened.http.is_some(),
         extents: !args.no_extents,
         work_size: copy::DEFAULT_WORK_SIZE,
     };
@@ -337,6 +403,11 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             dc.preferred_block,
             opts.dst_request
         );
+        for (side, opened) in [("source", &src_opened.http), ("destination", &dst_opened.http)] {
+            if let Some((connections, server)) = opened {
+                eprintln!("ferry: {side} server: {server}, {connections} connections");
+            }
+        }
         let streaming = sc.sequential || dc.sequential;
         eprintln!(
             "ferry: pipelines={} requests={} queue-size={} sparse={} synchronous={}",

@@ -1,0 +1,889 @@
+//! [`HttpEndpoint`]: an imageio transfer URL or a plain HTTP(S) image as a copy endpoint.
+//!
+//! Opening probes the server once: `OPTIONS` tells an imageio server (features, writers,
+//! readers, its Unix socket) from a plain web server; the size comes from OPTIONS (ferry's
+//! server reports it), else from the extents, else from a one-byte ranged GET. Requests that
+//! are safe to repeat are retried a bounded number of times when a connection breaks, each
+//! retry logged with its offset. Errors carry the HTTP status and the server's message.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use disk::{BoxFut, Caps, DiskError, Endpoint, Extent, Op, StreamReader, StreamWriter};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::body::ReqBody;
+use crate::stream::{RunReader, RunWriter};
+use crate::transport::{Lease, Pool, Transport};
+use crate::url::HttpUrl;
+
+/// Attempts after the first for a request that broke with its connection.
+const RETRIES: usize = 3;
+/// Largest PUT or GET for a single `write` or `read` call (streamed runs have no limit).
+const MAX_REQUEST: u64 = 8 << 20;
+/// Zero requests are split so that none runs for minutes on a slow server.
+const MAX_ZERO: u64 = 1 << 30;
+/// Extents are fetched for at least this much of the image at a time (servers that only
+/// know whole-image extents answer with everything, which is cached too).
+const EXTENTS_WINDOW: u64 = 4 << 30;
+/// Error bodies longer than this are cut in messages.
+const MAX_MESSAGE: usize = 300;
+
+/// How to reach the server and how much of it to use.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// PEM file of CA certificates that sign the server's certificate (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification (the session is still encrypted).
+    pub insecure: bool,
+    /// Most connections to use; the server's `max_readers`/`max_writers` lower it.
+    pub connections: usize,
+    /// The endpoint will be written (decides between the server's writer and reader limits).
+    pub write: bool,
+    /// Use the Unix socket an imageio server on this host advertises.
+    pub unix_socket: bool,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            ca_file: None,
+            insecure: false,
+            connections: 4,
+            write: false,
+            unix_socket: true,
+        }
+    }
+}
+
+/// What the server said it can do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// It answered OPTIONS like an imageio server (or like an old one, for `/images/` URLs).
+    pub imageio: bool,
+    pub features: Vec<String>,
+    pub max_readers: Option<u64>,
+    pub max_writers: Option<u64>,
+    pub unix_socket: Option<String>,
+    pub writable: bool,
+    /// The server honours Range (plain servers may not).
+    pub ranges: bool,
+    /// Where connections go after the probe (`unix …` when the local socket is used).
+    pub transport: String,
+}
+
+impl ServerInfo {
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
+/// State the endpoint shares with the tasks of its streamed runs.
+pub(crate) struct Shared {
+    pub name: String,
+    pub host: String,
+    /// The image's path (and the URL's query, if any).
+    pub target: String,
+    pub pool: Arc<Pool>,
+}
+
+impl Shared {
+    /// The image's target with `query` added.
+    pub fn target_with(&self, query: &str) -> String {
+        let sep = if self.target.contains('?') { '&' } else { '?' };
+        format!("{}{sep}{query}", self.target)
+    }
+
+    /// Sends a ranged GET (or a plain one for `None`) and checks the answer covers the range.
+    pub async fn get_range(
+        &self,
+        range: Option<(u64, u64)>,
+        fail: &impl Fn(String) -> DiskError,
+    ) -> Result<(Response<Incoming>, Lease), DiskError> {
+        let make = || {
+            let mut req = Request::get(self.target.as_str()).header(header::HOST, &self.host);
+            if let Some((offset, len)) = range {
+                req = req.header(header::RANGE, format!("bytes={}-{}", offset, offset + len - 1));
+            }
+            req.body(ReqBody::Empty).expect("valid request")
+        };
+        let (resp, lease) = self.send(make, fail).await?;
+        let status = resp.status();
+        match (status, range) {
+            (StatusCode::PARTIAL_CONTENT, Some((offset, len))) => {
+                match content_range(resp.headers()) {
+                    Some((first, last, _)) if first == offset && last + 1 == offset + len => {}
+                    other => {
+                        return Err(fail(format!(
+                            "the server answered the range with {other:?} instead"
+                        )));
+                    }
+                }
+            }
+            (StatusCode::OK, None) => {}
+            (s, _) if s.is_success() => {
+                return Err(fail(format!(
+                    "unexpected HTTP {s} to a ranged GET (does the server honour Range?)"
+                )));
+            }
+            _ => return Err(status_error(resp, fail).await),
+        }
+        Ok((resp, lease))
+    }
+
+    /// Sends a request built by `make`, again on a fresh connection when the connection breaks
+    /// before an answer (a keep-alive connection the server closed, a reset).
+    pub async fn send(
+        &self,
+        make: impl Fn() -> Request<ReqBody>,
+        fail: &impl Fn(String) -> DiskError,
+    ) -> Result<(Response<Incoming>, Lease), DiskError> {
+        let mut attempt = 0;
+        loop {
+            let (reason, can_retry) = match self.pool.get().await {
+                Err(e) => (format!("cannot connect: {e}"), retryable_io(&e)),
+                Ok(mut lease) => match lease.sender.send_request(make()).await {
+                    Ok(resp) => return Ok((resp, lease)),
+                    Err(e) => (hyper_reason(&e), retryable(&e)),
+                },
+            };
+            if !can_retry || attempt >= RETRIES {
+                return Err(fail(reason));
+            }
+            attempt += 1;
+            let err = fail(reason);
+            tracing::warn!("{err}; retrying ({attempt} of {RETRIES})");
+            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+        }
+    }
+
+    /// A request with a small answer: sends it (with retries), reads the body, checks for 2xx.
+    async fn call(
+        &self,
+        make: impl Fn() -> Request<ReqBody>,
+        fail: &impl Fn(String) -> DiskError,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), DiskError> {
+        let (resp, lease) = self.send(make, fail).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(resp, fail).await);
+        }
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| fail(hyper_reason(&e)))?
+            .to_bytes();
+        lease.release();
+        Ok((parts.status, parts.headers, body))
+    }
+
+    fn request(&self, method: Method, target: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .header(header::HOST, &self.host)
+    }
+}
+
+/// An error for a non-2xx answer: the status and the server's message.
+pub(crate) async fn status_error(
+    resp: Response<Incoming>,
+    fail: &impl Fn(String) -> DiskError,
+) -> DiskError {
+    let status = resp.status();
+    let body = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut body = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                text.extend_from_slice(&data);
+            }
+            if text.len() > MAX_MESSAGE {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&body).trim().to_string();
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    let mut err = if message.is_empty() {
+        fail(format!("HTTP {status}"))
+    } else {
+        fail(format!("HTTP {status}: {message}"))
+    };
+    if status == StatusCode::FORBIDDEN {
+        err.errno = Some(libc_eperm());
+    }
+    err
+}
+
+fn libc_eperm() -> i32 {
+    1
+}
+
+/// A hyper error with its cause chain, for messages.
+pub(crate) fn hyper_reason(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The connection broke before an answer: the request may be sent again.
+fn retryable(e: &hyper::Error) -> bool {
+    if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return retryable_io(io);
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn retryable_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | ConnectionRefused
+    )
+}
+
+/// `Content-Range: bytes FIRST-LAST/TOTAL` (TOTAL may be `*`); `bytes */TOTAL` gives
+/// `(0, 0, Some(TOTAL))` only through [`content_range_total`].
+fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, Option<u64>)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, total))
+}
+
+fn content_range_total(headers: &http::HeaderMap) -> Option<u64> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    v.trim().rsplit_once('/')?.1.trim().parse().ok()
+}
+
+/// Extents cached from the last query, covering [start, end) contiguously.
+#[derive(Default)]
+struct ExtentCache {
+    start: u64,
+    end: u64,
+    extents: Vec<Extent>,
+}
+
+pub struct HttpEndpoint {
+    shared: Arc<Shared>,
+    info: ServerInfo,
+    caps: Caps,
+    extents: Mutex<ExtentCache>,
+    /// For servers without Range: the one GET that streams the image, and where it is.
+    whole: Mutex<Option<(u64, RunReader)>>,
+}
+
+fn open_error(name: &str, cause: impl Into<String>) -> DiskError {
+    DiskError::new(name, Op::Open, cause)
+}
+
+/// Connects to `url`, learns what the server offers, and returns the endpoint.
+pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskError> {
+    let parsed = HttpUrl::parse(url).map_err(|e| open_error(url, e.to_string()))?;
+    let tls = if parsed.tls {
+        let tls = nbd::tls::TlsOptions {
+            ca_file: opts.ca_file.clone(),
+            client_cert: None,
+            client_key: None,
+            verify_peer: !opts.insecure,
+            server_name: parsed.host.clone(),
+        };
+        let config = tls
+            .client_config()
+            .map_err(|e| open_error(url, e.to_string()))?;
+        let name = tls.server_name().map_err(|e| open_error(url, e.to_string()))?;
+        Some((config, name))
+    } else {
+        None
+    };
+    let transport = Transport::Tcp {
+        authority: parsed.authority(),
+        tls,
+    };
+    let shared = Arc::new(Shared {
+        name: url.to_string(),
+        host: parsed.authority(),
+        target: parsed.target.clone(),
+        pool: Pool::new(transport.clone(), 1),
+    });
+    let fail = |cause: String| open_error(url, cause);
+    let options = probe_options(&shared, &fail).await?;
+    let mut info = ServerInfo {
+        transport: format!("{transport:?}"),
+        ..ServerInfo::default()
+    };
+    let mut size = None;
+    match &options {
+        Some(doc) => {
+            info.imageio = true;
+            info.features = doc
+                .get("features")
+                .and_then(|f| f.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            info.max_readers = doc.get("max_readers").and_then(|v| v.as_u64());
+            info.max_writers = doc.get("max_writers").and_then(|v| v.as_u64());
+            info.unix_socket = doc
+                .get("unix_socket")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            size = doc.get("size").and_then(|v| v.as_u64());
+            info.writable = doc.get("allow_put").and_then(|v| v.as_bool()).unwrap_or(true);
+            info.ranges = true;
+        }
+        None if parsed.ticket().is_some() => {
+            // An old imageio server (OPTIONS → 405) or proxy (204): GET and PUT only.
+            info.imageio = true;
+            info.writable = true;
+            info.ranges = true;
+        }
+        None => {}
+    }
+    let endpoint_for = |info: ServerInfo, size: u64, shared: Arc<Shared>| {
+        let limit = if opts.write {
+            info.max_writers
+        } else {
+            info.max_readers
+        };
+        // Absent limits mean one connection only (the reference client's reading).
+        let connections = if info.imageio {
+            (opts.connections as u64).min(limit.unwrap_or(1)).max(1) as usize
+        } else {
+            opts.connections.max(1)
+        };
+        let shared = Arc::new(Shared {
+            name: shared.name.clone(),
+            host: shared.host.clone(),
+            target: shared.target.clone(),
+            pool: Pool::new(shared.pool.transport(), connections),
+        });
+        HttpEndpoint::new(shared, info, size)
+    };
+    if !info.imageio {
+        let (size, ranges) = probe_plain(&shared, &fail).await?;
+        info.ranges = ranges;
+        info.writable = false;
+        return Ok(endpoint_for(info, size, shared));
+    }
+    if let Some(allow) = &options.as_ref().and_then(|d| d.get("__allow").cloned()) {
+        info.writable = allow.as_str().is_some_and(|a| a.contains("PUT"));
+    }
+    if opts.unix_socket
+        && parsed.is_loopback()
+        && let Some(socket) = info.unix_socket.clone().filter(|s| !s.is_empty())
+    {
+        let local = Transport::Unix(socket);
+        match local.connect().await {
+            Ok(_) => {
+                info.transport = format!("{local:?}");
+                shared.pool.set_transport(local);
+            }
+            Err(e) => tracing::debug!("not using the server's unix socket: {e}"),
+        }
+    }
+    let mut cache = None;
+    let size = match size {
+        Some(size) => size,
+        None if info.has("extents") => {
+            let extents = fetch_extents(&shared, 0, None, &fail).await?;
+            let size = extents.last().map_or(0, |e| e.end());
+            cache = Some(ExtentCache {
+                start: 0,
+                end: size,
+                extents,
+            });
+            size
+        }
+        None => probe_plain(&shared, &fail).await?.0,
+    };
+    let endpoint = endpoint_for(info, size, shared);
+    if let Some(cache) = cache {
+        *endpoint.extents.lock().unwrap_or_else(|p| p.into_inner()) = cache;
+    }
+    Ok(endpoint)
+}
+
+/// OPTIONS: the imageio document (with the `allow` header under `__allow`), or `None` when
+/// the server does not answer like imageio.
+async fn probe_options(
+    shared: &Shared,
+    fail: &impl Fn(String) -> DiskError,
+) -> Result<Option<serde_json::Value>, DiskError> {
+    let make = || {
+        shared
+            .request(Method::OPTIONS, &shared.target)
+            .body(ReqBody::Empty)
+            .expect("valid request")
+    };
+    let (resp, lease) = shared.send(make, fail).await?;
+    let status = resp.status();
+    if status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED {
+        return Err(status_error(resp, fail).await);
+    }
+    let allow = resp
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(hyper_reason(&e)))?
+        .to_bytes();
+    lease.release();
+    if status != StatusCode::OK {
+        return Ok(None);
+    }
+    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Ok(None);
+    };
+    if !doc.get("features").is_some_and(|f| f.is_array()) {
+        return Ok(None);
+    }
+    if let (Some(obj), Some(allow)) = (doc.as_object_mut(), allow) {
+        obj.insert("__allow".into(), serde_json::Value::String(allow));
+    }
+    Ok(Some(doc))
+}
+
+/// The size of a plain HTTP image, and whether the server honours Range.
+async fn probe_plain(
+    shared: &Shared,
+    fail: &impl Fn(String) -> DiskError,
+) -> Result<(u64, bool), DiskError> {
+    let make = || {
+        shared
+            .request(Method::GET, &shared.target)
+            .header(header::RANGE, "bytes=0-0")
+            .body(ReqBody::Empty)
+            .expect("valid request")
+    };
+    let (resp, lease) = shared.send(make, fail).await?;
+    match resp.status() {
+        StatusCode::PARTIAL_CONTENT => {
+            let total = content_range(resp.headers()).and_then(|(_, _, t)| t);
+            let Some(total) = total else {
+                return Err(fail("the server does not say the image's size".into()));
+            };
+            if resp.into_body().collect().await.is_ok() {
+                lease.release();
+            }
+            Ok((total, true))
+        }
+        // An empty image: nothing satisfies the range.
+        StatusCode::RANGE_NOT_SATISFIABLE if content_range_total(resp.headers()) == Some(0) => {
+            Ok((0, true))
+        }
+        StatusCode::OK => {
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            // The body is the whole image: the connection is dropped rather than drained.
+            match len {
+                Some(len) => Ok((len, false)),
+                None => Err(fail(
+                    "the server neither honours Range nor says the image's size".into(),
+                )),
+            }
+        }
+        _ => Err(status_error(resp, fail).await),
+    }
+}
+
+/// `GET …/extents?context=zero`, limited to [start, start+len) where the server allows it.
+async fn fetch_extents(
+    shared: &Shared,
+    start: u64,
+    len: Option<u64>,
+    fail: &impl Fn(String) -> DiskError,
+) -> Result<Vec<Extent>, DiskError> {
+    let path = shared.target.split('?').next().unwrap_or("/");
+    let target = match len {
+        Some(len) => format!("{path}/extents?context=zero&start={start}&length={len}"),
+        None => format!("{path}/extents?context=zero"),
+    };
+    let make = || {
+        shared
+            .request(Method::GET, &target)
+            .body(ReqBody::Empty)
+            .expect("valid request")
+    };
+    let (_, _, body) = shared.call(make, fail).await?;
+    parse_extents(&body).map_err(|e| fail(format!("bad extents from the server: {e}")))
+}
+
+/// The server's extents list, checked to be contiguous.
+pub fn parse_extents(body: &[u8]) -> Result<Vec<Extent>, String> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        start: u64,
+        length: u64,
+        zero: bool,
+        #[serde(default)]
+        hole: bool,
+    }
+    let items: Vec<Item> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut out: Vec<Extent> = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(prev) = out.last()
+            && prev.end() != item.start
+        {
+            return Err(format!(
+                "extent at {} does not follow the one ending at {}",
+                item.start,
+                prev.end()
+            ));
+        }
+        if item.length == 0 {
+            continue;
+        }
+        out.push(Extent {
+            offset: item.start,
+            length: item.length,
+            zero: item.zero,
+            hole: item.hole,
+        });
+    }
+    Ok(out)
+}
+
+impl HttpEndpoint {
+    fn new(shared: Arc<Shared>, info: ServerInfo, size: u64) -> HttpEndpoint {
+        let streams = info.ranges;
+        let mut caps = Caps::random_access(size);
+        caps.read_only = !info.writable;
+        caps.extents = info.imageio && info.has("extents");
+        caps.efficient_zero = info.imageio && info.has("zero");
+        caps.flush = info.imageio;
+        caps.sequential = !info.ranges;
+        caps.concurrent = info.ranges;
+        caps.max_request = MAX_REQUEST;
+        caps.default_request = 256 << 10;
+        caps.preferred_block = 4096;
+        caps.queue_depth = 64;
+        caps.stream_writes = info.imageio && info.writable;
+        caps.stream_reads = streams;
+        HttpEndpoint {
+            shared,
+            info,
+            caps,
+            extents: Mutex::new(ExtentCache::default()),
+            whole: Mutex::new(None),
+        }
+    }
+
+    pub fn server(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    pub fn connections(&self) -> usize {
+        self.shared.pool.size()
+    }
+
+    fn fail(&self, op: Op, offset: u64, len: u64) -> impl Fn(String) -> DiskError + '_ {
+        move |cause| DiskError::new(&self.shared.name, op, cause).at(offset, len)
+    }
+
+    async fn put(&self, offset: u64, data: Bytes, flush: bool) -> Result<(), DiskError> {
+        let len = data.len() as u64;
+        let fail = self.fail(Op::Write, offset, len);
+        let target = self
+            .shared
+            .target_with(if flush { "flush=y" } else { "flush=n" });
+        let make = || {
+            let mut req = self
+                .shared
+                .request(Method::PUT, &target)
+                .header(header::CONTENT_LENGTH, len);
+            if len > 0 {
+                req = req.header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {}-{}/*", offset, offset + len - 1),
+                );
+            }
+            req.body(ReqBody::full(data.clone())).expect("valid request")
+        };
+        self.shared.call(make, &fail).await.map(|_| ())
+    }
+
+    async fn patch(&self, doc: serde_json::Value, fail: &impl Fn(String) -> DiskError) -> Result<(), DiskError> {
+        let body = Bytes::from(doc.to_string());
+        let make = || {
+            self.shared
+                .request(Method::PATCH, &self.shared.target)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(ReqBody::full(body.clone()))
+                .expect("valid request")
+        };
+        self.shared.call(make, fail).await.map(|_| ())
+    }
+
+    async fn read_range(&self, offset: u64, len: u64) -> Result<Bytes, DiskError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        if !self.info.ranges {
+            return self.read_sequential(offset, len).await;
+        }
+        let mut reader = RunReader::new(self.shared.clone());
+        reader.begin(offset, len);
+        let piece = reader.read(len);
+        drop(reader);
+        piece.await.map_err(|e| self.rename(e))
+    }
+
+    /// Reads from the one GET of a server that ignores Range; reads come in order.
+    async fn read_sequential(&self, offset: u64, len: u64) -> Result<Bytes, DiskError> {
+        let fut = {
+            let mut whole = self.whole.lock().unwrap_or_else(|p| p.into_inner());
+            let size = self.caps.size.unwrap_or(0);
+            let (next, stream) = whole.get_or_insert_with(|| {
+                let mut reader = RunReader::new(self.shared.clone());
+                reader.begin_whole(size);
+                (0, reader)
+            });
+            if *next != offset {
+                return Err(self.fail(Op::Read, offset, len)(format!(
+                    "the server does not honour Range, so the image can only be read in order \
+                     (next offset {next})"
+                )));
+            }
+            *next += len;
+            stream.read(len)
+        };
+        fut.await.map_err(|e| self.rename(e))
+    }
+
+    /// Errors from run tasks name the endpoint generically; give them this endpoint's name.
+    fn rename(&self, mut e: DiskError) -> DiskError {
+        e.endpoint = self.shared.name.clone();
+        e
+    }
+
+    async fn extents_of(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        let end = offset + len;
+        let cached = {
+            let cache = self.extents.lock().unwrap_or_else(|p| p.into_inner());
+            (cache.start <= offset && end <= cache.end).then(|| clip(&cache.extents, offset, end))
+        };
+        if let Some(extents) = cached {
+            return Ok(extents);
+        }
+        let fail = self.fail(Op::Extents, offset, len);
+        let size = self.caps.size.unwrap_or(end);
+        let window = len.max(EXTENTS_WINDOW).min(size - offset);
+        let extents = fetch_extents(&self.shared, offset, Some(window), &fail).await?;
+        let (start, stop) = match (extents.first(), extents.last()) {
+            (Some(f), Some(l)) => (f.offset, l.end()),
+            _ => (offset, offset),
+        };
+        if start > offset || stop < end {
+            return Err(fail(format!(
+                "the server's extents cover [{start}, {stop}), not the range asked for"
+            )));
+        }
+        let out = clip(&extents, offset, end);
+        *self.extents.lock().unwrap_or_else(|p| p.into_inner()) = ExtentCache {
+            start,
+            end: stop,
+            extents,
+        };
+        Ok(out)
+    }
+}
+
+/// The extents of [start, end), cut at its edges.
+fn clip(extents: &[Extent], start: u64, end: u64) -> Vec<Extent> {
+    let first = extents.partition_point(|e| e.end() <= start);
+    extents[first..]
+        .iter()
+        .take_while(|e| e.offset < end)
+        .map(|e| {
+            let s = e.offset.max(start);
+            Extent {
+                offset: s,
+                length: e.end().min(end) - s,
+                ..*e
+            }
+        })
+        .collect()
+}
+
+impl Endpoint for HttpEndpoint {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
+        Box::pin(self.read_range(offset, len))
+    }
+
+    fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let mut pos = 0;
+            while pos < data.len() {
+                let n = (data.len() - pos).min(MAX_REQUEST as usize);
+                self.put(offset + pos as u64, data.slice(pos..pos + n), false)
+                    .await?;
+                pos += n;
+            }
+            Ok(())
+        })
+    }
+
+    fn zero(&self, offset: u64, len: u64, _allocate: bool) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let end = offset + len;
+            let mut pos = offset;
+            while pos < end {
+                if self.info.has("zero") {
+                    let n = (end - pos).min(MAX_ZERO);
+                    let doc = serde_json::json!({"op": "zero", "offset": pos, "size": n, "flush": false});
+                    self.patch(doc, &self.fail(Op::Zero, pos, n)).await?;
+                    pos += n;
+                } else {
+                    // Servers without the zero feature get zero bytes.
+                    let n = (end - pos).min(MAX_REQUEST);
+                    self.put(pos, bufpool::zero_bytes(n as usize), false)
+                        .await
+                        .map_err(|mut e| {
+                            e.op = Op::Zero;
+                            e
+                        })?;
+                    pos += n;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
+        Box::pin(async move {
+            if !self.caps.extents || len == 0 {
+                return Ok(vec![Extent::data(offset, len)]);
+            }
+            self.extents_of(offset, len).await
+        })
+    }
+
+    /// Flushes every connection that carried writes: a server may keep one backend handle (and
+    /// one NBD connection) per HTTP connection, and a flush covers only its own.
+    fn flush(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let fail = |cause: String| DiskError::new(&self.shared.name, Op::Flush, cause);
+            let count = self.shared.pool.idle_count().max(1);
+            let flush_one = || async {
+                if self.info.has("flush") {
+                    self.patch(serde_json::json!({"op": "flush"}), &fail).await
+                } else {
+                    self.put(0, Bytes::new(), true).await.map_err(|mut e| {
+                        e.op = Op::Flush;
+                        e
+                    })
+                }
+            };
+            let all = futures_util::future::join_all((0..count).map(|_| flush_one())).await;
+            all.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+        })
+    }
+
+    fn stream_writer(&self) -> Option<Box<dyn StreamWriter>> {
+        self.caps
+            .stream_writes
+            .then(|| Box::new(RunWriter::new(self.shared.clone())) as _)
+    }
+
+    fn stream_reader(&self) -> Option<Box<dyn StreamReader>> {
+        (self.caps.stream_reads && self.info.ranges)
+            .then(|| Box::new(RunReader::new(self.shared.clone())) as _)
+    }
+
+    fn close(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            self.shared.pool.close();
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_parse_and_clip() {
+        let body = br#"[{"start": 0, "length": 65536, "zero": true, "hole": false},
+            {"start": 65536, "length": 65536, "zero": false},
+            {"start": 131072, "length": 0, "zero": true},
+            {"start": 131072, "length": 131072, "zero": true, "hole": true}]"#;
+        let e = parse_extents(body).unwrap();
+        assert_eq!(e.len(), 3);
+        assert!(e[2].hole && e[2].zero && !e[1].zero);
+        let c = clip(&e, 4096, 140000);
+        assert_eq!(c.first().unwrap().offset, 4096);
+        assert_eq!(c.last().unwrap().end(), 140000);
+        assert_eq!(c.iter().map(|x| x.length).sum::<u64>(), 140000 - 4096);
+    }
+
+    #[test]
+    fn extents_with_gaps_are_refused() {
+        let body = br#"[{"start": 0, "length": 10, "zero": true},
+            {"start": 20, "length": 10, "zero": false}]"#;
+        assert!(parse_extents(body).unwrap_err().contains("does not follow"));
+        assert!(parse_extents(b"{}").is_err());
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, "bytes 0-0/1048576".parse().unwrap());
+        assert_eq!(content_range(&h), Some((0, 0, Some(1048576))));
+        h.insert(header::CONTENT_RANGE, "bytes */0".parse().unwrap());
+        assert_eq!(content_range(&h), None);
+        assert_eq!(content_range_total(&h), Some(0));
+    }
+}

@@ -1,0 +1,193 @@
+//! Connections to the HTTP server: TCP (with rustls when the URL is https) or a Unix socket
+//! (path or abstract name), each an HTTP/1.1 connection driven by its own task; and the pool
+//! that hands them out, one request at a time, reusing keep-alive connections.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::body::ReqBody;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where connections go.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp {
+        authority: String,
+        tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    },
+    /// A Unix socket; a leading NUL names an abstract socket.
+    Unix(String),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Tcp { authority, tls } => {
+                write!(f, "tcp {authority}{}", if tls.is_some() { " tls" } else { "" })
+            }
+            Transport::Unix(name) => write!(f, "unix {}", name.replace('\0', "@")),
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Transport {
+    /// Opens one HTTP/1.1 connection; its driver runs on a task of its own.
+    pub async fn connect(&self) -> io::Result<SendRequest<ReqBody>> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.open_stream())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"))??;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("http connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open_stream(&self) -> io::Result<Box<dyn Io>> {
+        match self {
+            Transport::Tcp { authority, tls } => {
+                let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                match tls {
+                    None => Ok(Box::new(tcp)),
+                    Some((config, name)) => {
+                        let connector = tokio_rustls::TlsConnector::from(config.clone());
+                        let tls = connector.connect(name.clone(), tcp).await?;
+                        Ok(Box::new(tls))
+                    }
+                }
+            }
+            Transport::Unix(name) => {
+                let stream = match name.strip_prefix('\0') {
+                    Some(abstract_name) => {
+                        use std::os::linux::net::SocketAddrExt;
+                        let addr = std::os::unix::net::SocketAddr::from_abstract_name(
+                            abstract_name.as_bytes(),
+                        )?;
+                        let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+                        s.set_nonblocking(true)?;
+                        tokio::net::UnixStream::from_std(s)?
+                    }
+                    None => tokio::net::UnixStream::connect(name).await?,
+                };
+                Ok(Box::new(stream))
+            }
+        }
+    }
+}
+
+/// Up to `size` connections, each carrying one request at a time.
+pub struct Pool {
+    transport: Mutex<Transport>,
+    idle: Mutex<Vec<SendRequest<ReqBody>>>,
+    slots: Arc<Semaphore>,
+    size: usize,
+}
+
+/// A connection lent by the pool. Give it back with [`Lease::release`] once its response is
+/// fully read; dropping it instead closes the connection (its state is unknown).
+pub struct Lease {
+    pub sender: SendRequest<ReqBody>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    pub fn new(transport: Transport, size: usize) -> Arc<Pool> {
+        let size = size.max(1);
+        Arc::new(Pool {
+            transport: Mutex::new(transport),
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(size)),
+            size,
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends later connections elsewhere (the server's Unix socket); idle ones are dropped.
+    pub fn set_transport(&self, transport: Transport) {
+        *self.transport.lock().unwrap_or_else(|p| p.into_inner()) = transport;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Adds an already open connection (the one used to probe the server).
+    pub fn put_idle(&self, sender: SendRequest<ReqBody>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sender);
+    }
+
+    /// A connection ready for a request: an idle one still open, else a new one. A keep-alive
+    /// connection the server closed while idle is noticed here and replaced.
+    pub async fn get(self: &Arc<Self>) -> io::Result<Lease> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("connection pool closed"))?;
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(mut sender) = idle else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            if sender.ready().await.is_ok() {
+                return Ok(Lease {
+                    sender,
+                    pool: self.clone(),
+                    _permit: permit,
+                });
+            }
+        }
+        let sender = self.transport().connect().await?;
+        Ok(Lease {
+            sender,
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Connections open and idle now (each is flushed at the end of an upload).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Drops every idle connection.
+    pub fn close(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl Lease {
+    pub fn release(self) {
+        if !self.sender.is_closed() {
+            self.pool.put_idle(self.sender);
+        }
+    }
+}
