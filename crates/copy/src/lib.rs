@@ -8,7 +8,8 @@
 mod engine;
 pub mod plan;
 pub mod progress;
-pub mod sparse;
+/// Zero detection lives with the endpoints (the server uses it too); re-exported here.
+pub use disk::sparse;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

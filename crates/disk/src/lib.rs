@@ -9,6 +9,7 @@ pub mod file_extents;
 pub mod nbd;
 pub mod null;
 pub mod pipe;
+pub mod sparse;
 pub mod subprocess;
 
 pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, StreamReader, StreamWriter};
