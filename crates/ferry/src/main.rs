@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the operation failed (I/O, protocol, server error); 2 usage error
 //! (bad arguments, malformed URI).
 
+mod checksum_cmd;
 mod copy_cmd;
 mod demo;
 mod endpoint;
@@ -40,6 +41,9 @@ enum Command {
     /// Copy a disk image between files, block devices, NBD servers, pipes, `null:` and
     /// socket-activated servers (`[ qemu-nbd -f qcow2 disk.qcow2 ]`); nbdcopy-compatible.
     Copy(copy_cmd::CopyArgs),
+    /// Print the block checksum of an image (ovirt-imageio's /checksum or nbdcopy's
+    /// --blkhash), hashing on all cores and skipping zero extents.
+    Checksum(checksum_cmd::ChecksumArgs),
     /// Show what an NBD server (or a local file) offers: size, block sizes, flags, contexts.
     Info(info::InfoArgs),
     /// Print the extents (data, zero, hole) of an NBD export or a local file.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Copy(args) => copy_cmd::run(args).await,
+            Command::Checksum(args) => checksum_cmd::run(args).await,
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Demo(args) => demo::run(args).await,
