@@ -11,7 +11,6 @@
 use std::sync::Arc;
 
 use disk::{DiskError, Endpoint, Extent, Op};
-use futures_util::{TryStreamExt, stream};
 
 use crate::{Digest, Error, Hasher, Spec};
 
@@ -76,60 +75,66 @@ pub async fn checksum(
     let request = request_size(&spec, caps.max_request, opts.request_size);
     let use_extents = opts.extents && caps.extents;
 
-    let ranges = {
-        let ep = ep.clone();
-        stream::try_unfold(0u64, move |pos| {
-            let ep = ep.clone();
-            async move {
-                if pos >= size {
-                    return Ok::<_, EndpointError>(None);
-                }
-                let len = EXTENTS_WINDOW.min(size - pos);
-                let extents = if use_extents {
-                    ep.extents(pos, len).await?
-                } else {
-                    vec![Extent::data(pos, len)]
-                };
-                Ok(Some((work_of(&extents, request), pos + len)))
+    let in_flight = opts.in_flight.max(1);
+    // Each range is its own task: reads complete on any async worker, in any order, and a
+    // failure drops the set, which aborts the rest.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut pos = 0;
+    while pos < size {
+        let len = EXTENTS_WINDOW.min(size - pos);
+        let extents = if use_extents {
+            ep.extents(pos, len).await?
+        } else {
+            vec![Extent::data(pos, len)]
+        };
+        for work in work_of(&extents, request) {
+            while tasks.len() >= in_flight {
+                joined(tasks.join_next().await)?;
             }
-        })
-    };
-    ranges
-        .map_ok(|work| stream::iter(work.into_iter().map(Ok::<_, EndpointError>)))
-        .try_flatten()
-        .map_ok(|work| {
-            let ep = ep.clone();
-            let hasher = hasher.clone();
-            async move {
-                match work {
-                    Work::Zero(off, len) => {
-                        // A long zero run can mean millions of digests for the outer hash.
-                        blocking(move || hasher.zero(off, len)).await;
-                    }
-                    Work::Read(off, len) => {
-                        let data = ep.read(off, len).await?;
-                        if data.len() as u64 != len {
-                            return Err(DiskError::new(
-                                ep.name(),
-                                Op::Read,
-                                format!("short read: {} of {len} bytes", data.len()),
-                            )
-                            .at(off, len)
-                            .into());
-                        }
-                        // May wait for the pool to catch up: that wait is the back-pressure
-                        // that bounds memory, and it must not stall the async workers.
-                        blocking(move || hasher.data(off, &data)).await;
-                    }
-                }
-                Ok::<_, EndpointError>(())
-            }
-        })
-        .try_buffer_unordered(opts.in_flight.max(1))
-        .try_collect::<()>()
-        .await?;
+            tasks.spawn(run(ep.clone(), hasher.clone(), work));
+        }
+        pos += len;
+    }
+    while let Some(r) = tasks.join_next().await {
+        joined(Some(r))?;
+    }
     let done = hasher.clone();
     Ok(blocking(move || done.finish()).await?)
+}
+
+fn joined(
+    r: Option<Result<Result<(), EndpointError>, tokio::task::JoinError>>,
+) -> Result<(), EndpointError> {
+    match r {
+        None => Ok(()),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+async fn run(ep: Arc<dyn Endpoint>, hasher: Arc<Hasher>, work: Work) -> Result<(), EndpointError> {
+    match work {
+        Work::Zero(off, len) => {
+            // A long zero run can mean millions of digests for the outer hash.
+            blocking(move || hasher.zero(off, len)).await;
+        }
+        Work::Read(off, len) => {
+            let data = ep.read(off, len).await?;
+            if data.len() as u64 != len {
+                return Err(DiskError::new(
+                    ep.name(),
+                    Op::Read,
+                    format!("short read: {} of {len} bytes", data.len()),
+                )
+                .at(off, len)
+                .into());
+            }
+            // May wait for the pool to catch up: that wait is the back-pressure that bounds
+            // memory, and it must not stall the async workers.
+            blocking(move || hasher.data(off, &data)).await;
+        }
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -1,6 +1,6 @@
-//! The data API (`/images/{ticket_id}[/extents]` and `/info/`): routing, authorization, and the
-//! read-side handlers (OPTIONS, GET, HEAD, extents). Writes (PUT, PATCH) live in
-//! [`crate::upload`].
+//! The data API (`/images/{ticket_id}[/extents|/checksum]` and `/info/`): routing,
+//! authorization, and the read-side handlers (OPTIONS, GET, HEAD, extents). Writes (PUT, PATCH)
+//! live in [`crate::upload`], checksums in [`crate::checksum`].
 //!
 //! Every handler authorizes first, answering 403 and closing the connection on failure, then
 //! binds the connection to the ticket (which switches the connection to the ticket's
@@ -86,6 +86,9 @@ struct OptionsDoc<'a> {
 enum Route<'a> {
     Image(&'a str),
     Extents(&'a str),
+    Checksum(&'a str),
+    /// `/images/{anything}/checksum/algorithms`: no ticket involved.
+    ChecksumAlgorithms,
     Info,
     Unknown,
 }
@@ -100,7 +103,9 @@ fn route(path: &str) -> Route<'_> {
     match rest.split_once('/') {
         None => Route::Image(rest),
         Some((id, "extents")) => Route::Extents(id),
-        // Typos and unimplemented sub-resources (checksum) are 404, not "no such ticket".
+        Some((id, "checksum")) => Route::Checksum(id),
+        Some((_, "checksum/algorithms")) => Route::ChecksumAlgorithms,
+        // Typos and unknown sub-resources are 404, not "no such ticket".
         Some(_) => Route::Unknown,
     }
 }
@@ -202,6 +207,17 @@ impl DataApi {
                     _ => Err(not_defined()),
                 }
             }
+            Route::Checksum(raw_id) => {
+                let id = crate::request::decode(raw_id);
+                match method {
+                    Method::GET => crate::checksum::image_checksum(self, &req, &id, ctx).await,
+                    _ => Err(not_defined()),
+                }
+            }
+            Route::ChecksumAlgorithms => match method {
+                Method::GET => Ok(crate::checksum::algorithms()),
+                _ => Err(not_defined()),
+            },
             _ => Err(HttpError::not_found(format!("No handler for '{path}'"))),
         }
     }
@@ -231,9 +247,8 @@ impl DataApi {
         ctx: &ConnCtx,
     ) -> Result<Response<Body>, HttpError> {
         const ALL: &str = "OPTIONS,GET,PUT,PATCH";
-        // The reference lists "checksum" first; ferry does not serve checksums yet, so it
-        // must not advertise them. The order of the rest is fixed.
-        const RW: &[&str] = &["extents", "flush", "zero"];
+        // The reference's fixed order.
+        const RW: &[&str] = &["checksum", "extents", "flush", "zero"];
         let mut doc = OptionsDoc {
             unix_socket: self.unix_socket.as_deref(),
             features: RW,
@@ -246,7 +261,7 @@ impl DataApi {
             ticket.touch();
             let write = ticket.spec.allows(Access::Write);
             if !write {
-                doc.features = &["extents"];
+                doc.features = &["checksum", "extents"];
             }
             doc.max_readers = Some(backend.max_readers);
             doc.max_writers = Some(backend.max_writers);
@@ -462,7 +477,15 @@ mod tests {
             Route::Extents("abc")
         ));
         assert!(matches!(route("/images/abc/extent"), Route::Unknown));
-        assert!(matches!(route("/images/abc/checksum"), Route::Unknown));
+        assert!(matches!(
+            route("/images/abc/checksum"),
+            Route::Checksum("abc")
+        ));
+        assert!(matches!(
+            route("/images/*/checksum/algorithms"),
+            Route::ChecksumAlgorithms
+        ));
+        assert!(matches!(route("/images/abc/checksums"), Route::Unknown));
         assert!(matches!(route("/images/a/b/c"), Route::Unknown));
         assert!(matches!(route("/info/"), Route::Info));
         assert!(matches!(route("/info"), Route::Unknown));

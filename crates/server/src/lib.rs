@@ -6,7 +6,8 @@
 //!   progress and cancellation — reusable by any front end (the NBD export of tickets too).
 //! - [`backend`]: the images tickets point at (`file://`, NBD), over [`disk`] endpoints;
 //!   `aligned` turns byte ranges into whole-block I/O for exports that need it.
-//! - [`data`] and [`upload`]: the HTTP data API (`/images/{id}`, extents, `/info/`).
+//! - [`data`] and [`upload`]: the HTTP data API (`/images/{id}`, extents, `/info/`);
+//!   [`checksum`]: `/images/{id}/checksum` and `/checksum/algorithms`, parallel and zero-aware.
 //! - [`control`]: the ticket control API (`/tickets/{id}`); [`client`] speaks it.
 //! - [`nbd_export`]: every ticket also served over NBD under its ticket id.
 //! - [`conn`]: one HTTP connection (hyper), its timeouts and statistics; [`server`] binds the
@@ -19,6 +20,7 @@
 
 mod aligned;
 pub mod backend;
+pub mod checksum;
 pub mod client;
 pub mod config;
 pub mod conn;

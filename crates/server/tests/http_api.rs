@@ -26,7 +26,7 @@ fn options_reports_features_limits_and_size() {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(
         v["features"],
-        serde_json::json!(["extents", "flush", "zero"])
+        serde_json::json!(["checksum", "extents", "flush", "zero"])
     );
     assert_eq!(v["max_readers"], 8);
     assert_eq!(v["max_writers"], 8);
@@ -40,7 +40,7 @@ fn options_reports_features_limits_and_size() {
     let r = curl(&["-X", "OPTIONS", &srv.url("ro")]);
     assert_eq!(r.header("allow").unwrap(), "OPTIONS,GET");
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["features"], serde_json::json!(["extents"]));
+    assert_eq!(v["features"], serde_json::json!(["checksum", "extents"]));
 
     let r = curl(&["-X", "OPTIONS", &srv.url("*")]);
     assert_eq!(r.status, 200);
