@@ -84,6 +84,13 @@ pub async fn copy(
     let started = Instant::now();
     let (src, dst, observer) = (job.src, job.dst, job.observer);
     let dst_caps = dst.caps().clone();
+    if opts.incremental && !src.caps().dirty {
+        return Err(CopyError::Broken(format!(
+            "{}: an incremental copy needs the source's dirty extents (an NBD dirty bitmap, \
+             or an imageio ticket with dirty extents)",
+            src.name()
+        )));
+    }
     if dst_caps.read_only {
         return Err(CopyError::ReadOnly(dst.name().to_string()));
     }
@@ -115,6 +122,14 @@ pub async fn copy(
         (true, DestinationZero::Asserted)
     } else if opts.allocated || dst_caps.sequential {
         (false, DestinationZero::Unknown)
+    } else if opts.incremental {
+        // The destination holds the previous copy: nothing about it may be assumed, and it
+        // must never be zeroed as a whole.
+        if dst_caps.extents {
+            (false, DestinationZero::Extents)
+        } else {
+            (false, DestinationZero::Unknown)
+        }
     } else if dst_caps.known_zero {
         (true, DestinationZero::Known)
     } else if dst_caps.extents {
@@ -273,6 +288,46 @@ impl<'a> Worker<'a> {
             if self.shared.stopped() {
                 return Ok(());
             }
+            if !opts.incremental {
+                self.copy_range(start, end).await?;
+                continue;
+            }
+            // Incremental: only what changed since the checkpoint is copied; clean ranges are
+            // left as they are on the destination.
+            let src = self.src;
+            let changes = self.drive(src.dirty(start, end - start)).await??;
+            let extents: Vec<Extent> = changes.iter().map(|(e, _)| *e).collect();
+            check_coverage(self.src.name(), &extents, start, end)?;
+            let mut dirty: Vec<(u64, u64)> = Vec::new();
+            for (e, is_dirty) in changes {
+                let (s, t) = (e.offset.max(start), e.end().min(end));
+                if s >= t {
+                    continue;
+                }
+                if !is_dirty {
+                    self.shared.skipped.fetch_add(t - s, Ordering::Relaxed);
+                    self.shared.progress.add(t - s);
+                    continue;
+                }
+                match dirty.last_mut() {
+                    Some(last) if last.1 == s => last.1 = t,
+                    _ => dirty.push((s, t)),
+                }
+            }
+            for (s, t) in dirty {
+                if self.shared.stopped() {
+                    return Ok(());
+                }
+                self.copy_range(s, t).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies [start, end): plans it from the source's extents and issues its requests.
+    async fn copy_range(&mut self, start: u64, end: u64) -> Result<(), CopyError> {
+        let opts = &self.shared.opts;
+        {
             let len = end - start;
             let extents = if opts.extents && self.src.caps().extents {
                 let src = self.src;

@@ -47,6 +47,9 @@ pub struct CopyOptions {
     /// Use the source's extents (off: read everything).
     pub extents: bool,
     pub work_size: u64,
+    /// Copy only what the source's dirty extents (a dirty bitmap) mark as changed, into a
+    /// destination that already holds the previous copy.
+    pub incremental: bool,
 }
 
 impl Default for CopyOptions {
@@ -63,6 +66,7 @@ impl Default for CopyOptions {
             flush: false,
             extents: true,
             work_size: DEFAULT_WORK_SIZE,
+            incremental: false,
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Caps {
     pub stream_writes: bool,
     /// Data runs are best read as one long request ([`Endpoint::stream_reader`]).
     pub stream_reads: bool,
+    /// Changed ranges since a checkpoint are known ([`Endpoint::dirty`]): an NBD dirty bitmap,
+    /// imageio's dirty context.
+    pub dirty: bool,
 }
 
 impl Caps {
@@ -72,6 +75,7 @@ impl Caps {
             known_zero: false,
             stream_writes: false,
             stream_reads: false,
+            dirty: false,
         }
     }
 }
@@ -192,6 +196,18 @@ pub trait Endpoint: Send + Sync {
         Box::pin(async move { Ok(vec![Extent::data(offset, len)]) })
     }
     fn flush(&self) -> BoxFut<'_, ()>;
+    /// Which parts of [offset, offset+len) changed since a checkpoint, covering it exactly in
+    /// order: each extent with `true` when dirty. Needs `caps().dirty`.
+    fn dirty(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<(Extent, bool)>> {
+        Box::pin(async move {
+            Err(DiskError::new(
+                self.name(),
+                Op::Extents,
+                "no dirty bitmap: incremental copies need one",
+            )
+            .at(offset, len))
+        })
+    }
     /// Sets the final size of a destination whose size was unknown when it was opened (a
     /// stream was copied into it). Endpoints of fixed size ignore it.
     fn set_size(&self, _size: u64) -> BoxFut<'_, ()> {

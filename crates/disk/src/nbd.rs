@@ -13,6 +13,16 @@ use crate::extents::Extent;
 /// Request size nbdcopy uses for NBD, and a good default for pipelining.
 pub const DEFAULT_NBD_REQUEST: u64 = 256 << 10;
 
+/// The dirty bitmap context the connection negotiated, if any.
+fn dirty_context(client: &Client) -> Option<String> {
+    client
+        .info()
+        .contexts
+        .iter()
+        .map(|(name, _)| name.clone())
+        .find(|name| name.starts_with(CONTEXT_DIRTY_BITMAP_PREFIX))
+}
+
 pub struct NbdEndpoint {
     name: String,
     client: Client,
@@ -66,6 +76,7 @@ impl NbdEndpoint {
             known_zero: false,
             stream_writes: false,
             stream_reads: false,
+            dirty: dirty_context(&client).is_some(),
         };
         NbdEndpoint {
             name: name.to_string(),
@@ -175,6 +186,28 @@ impl Endpoint for NbdEndpoint {
                     zero: s.flags & u64::from(STATE_ZERO) != 0,
                     hole: s.flags & u64::from(STATE_HOLE) != 0,
                 })
+                .collect())
+        })
+    }
+
+    fn dirty(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<(Extent, bool)>> {
+        Box::pin(async move {
+            let Some(context) = dirty_context(&self.client) else {
+                return Err(DiskError::new(
+                    &self.name,
+                    Op::Extents,
+                    "no qemu:dirty-bitmap context was negotiated",
+                )
+                .at(offset, len));
+            };
+            let status = self
+                .client
+                .block_status(&context, offset, len)
+                .await
+                .map_err(|e| self.err(Op::Extents, offset, len, &e))?;
+            Ok(status
+                .into_iter()
+                .map(|s| (Extent::data(s.offset, s.length), s.flags & 1 != 0))
                 .collect())
         })
     }

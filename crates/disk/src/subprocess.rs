@@ -178,6 +178,9 @@ impl crate::endpoint::Endpoint for SubprocessEndpoint {
     fn extents(&self, offset: u64, len: u64) -> crate::BoxFut<'_, Vec<crate::Extent>> {
         self.nbd.extents(offset, len)
     }
+    fn dirty(&self, offset: u64, len: u64) -> crate::BoxFut<'_, Vec<(crate::Extent, bool)>> {
+        self.nbd.dirty(offset, len)
+    }
     fn flush(&self) -> crate::BoxFut<'_, ()> {
         self.nbd.flush()
     }

@@ -19,6 +19,7 @@ use disk::subprocess::SubprocessEndpoint;
 
 use crate::endpoint::{NbdArgs, subprocess_argv};
 use crate::{Failure, human, usage};
+use nbd::proto::consts::CONTEXT_DIRTY_BITMAP_PREFIX;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -82,6 +83,14 @@ pub struct CopyArgs {
     /// Print what was chosen and what was done.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Incremental copy from an NBD source: copy only what the dirty bitmap NAME
+    /// (qemu:dirty-bitmap:NAME) marks as changed, into an existing destination.
+    #[arg(long, value_name = "NAME")]
+    pub bitmap: Option<String>,
+    /// Incremental copy: copy only the source's dirty extents (with --bitmap for NBD; an
+    /// imageio ticket with dirty extents for URLs) into an existing destination.
+    #[arg(long)]
+    pub incremental: bool,
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
@@ -110,6 +119,7 @@ impl HttpArgs {
             connections,
             write,
             unix_socket: !self.no_unix_socket,
+            dirty: false,
         }
     }
 }
@@ -181,6 +191,7 @@ fn spec(word: &str) -> Result<Spec, Failure> {
     }
     match crate::endpoint::Target::parse(word)? {
         crate::endpoint::Target::Nbd(uri) => Ok(Spec::Nbd(uri)),
+        crate::endpoint::Target::Http(url) => Ok(Spec::Http(url)),
         crate::endpoint::Target::File(path) => Ok(Spec::Path(path)),
     }
 }
@@ -211,7 +222,9 @@ async fn open(
     let mut http = None;
     let endpoint: Arc<dyn Endpoint> = match spec {
         Spec::Http(url) => {
-            let ep = imageio::open(&url, &args.http.options(connections, !source)).await?;
+            let mut http_opts = args.http.options(connections, !source);
+            http_opts.dirty = source && args.incremental;
+            let ep = imageio::open(&url, &http_opts).await?;
             let info = ep.server();
             http = Some((
                 ep.connections(),
@@ -227,7 +240,11 @@ async fn open(
             Arc::new(ep)
         }
         Spec::Nbd(uri) => {
-            let opts = with_requests(args.nbd.connect_options(&uri)?);
+            let mut opts = with_requests(args.nbd.connect_options(&uri)?);
+            if let (true, Some(bitmap)) = (source, &args.bitmap) {
+                opts.meta_contexts
+                    .push(format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{bitmap}"));
+            }
             // The destination's extents let the engine skip zeroing what already reads as zero.
             let want_extents = extents || !source;
             Arc::new(
@@ -243,12 +260,20 @@ async fn open(
             );
             let mut opts = with_requests(template);
             opts.timeout = std::time::Duration::from_secs(args.nbd.timeout.max(1));
+            if let (true, Some(bitmap)) = (source, &args.bitmap) {
+                opts.meta_contexts
+                    .push(format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{bitmap}"));
+            }
             Arc::new(SubprocessEndpoint::start(&argv, &opts, extents || !source).await?)
         }
         Spec::Null if source => return Err(usage("null: can only be a destination")),
         Spec::Null => Arc::new(NullEndpoint::default()),
         Spec::Stdio if source => Arc::new(PipeEndpoint::stdin()),
         Spec::Stdio => Arc::new(PipeEndpoint::stdout()?),
+        Spec::Path(path) if !source && args.incremental => {
+            // The previous copy is updated in place: never truncated.
+            Arc::new(FileEndpoint::open_existing(&path, args.direct)?)
+        }
         Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
     };
     Ok(Opened { endpoint, http })
@@ -320,7 +345,32 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         return Err(usage("--sparse: must be a power of 2 and >= 512"));
     }
     let progress_out = progress_target(&args.progress)?;
+    let mut args = args;
+    if args.bitmap.is_some() {
+        args.incremental = true;
+    }
     let src_spec = spec(&args.source)?;
+    if args.incremental {
+        match &src_spec {
+            Spec::Nbd(_) | Spec::Command(_) if args.bitmap.is_none() => {
+                return Err(usage(
+                    "--incremental from an NBD source needs --bitmap NAME",
+                ));
+            }
+            Spec::Nbd(_) | Spec::Command(_) => {}
+            Spec::Http(_) if args.bitmap.is_some() => {
+                return Err(usage(
+                    "--bitmap names an NBD dirty bitmap; for an imageio URL use --incremental",
+                ));
+            }
+            Spec::Http(_) => {}
+            _ => {
+                return Err(usage(
+                    "an incremental copy needs an NBD or imageio source with dirty extents",
+                ));
+            }
+        }
+    }
     let dst_spec = spec(&args.destination)?;
 
     let src_opened = open(src_spec, &args, true, None).await?;
@@ -387,6 +437,7 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         flush: args.flush || dst_opened.http.is_some(),
         extents: !args.no_extents,
         work_size: copy::DEFAULT_WORK_SIZE,
+        incremental: args.incremental,
     };
     if args.verbose {
         eprintln!(
@@ -403,7 +454,10 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             dc.preferred_block,
             opts.dst_request
         );
-        for (side, opened) in [("source", &src_opened.http), ("destination", &dst_opened.http)] {
+        for (side, opened) in [
+            ("source", &src_opened.http),
+            ("destination", &dst_opened.http),
+        ] {
             if let Some((connections, server)) = opened {
                 eprintln!("ferry: {side} server: {server}, {connections} connections");
             }

@@ -34,12 +34,17 @@ pub struct NbdArgs {
 #[derive(Debug, Clone)]
 pub enum Target {
     Nbd(NbdUri),
+    /// An imageio transfer URL or a plain http(s) image.
+    Http(String),
     File(PathBuf),
 }
 
 impl Target {
     pub fn parse(word: &str) -> Result<Target, Failure> {
-        if is_nbd_uri(word) {
+        if imageio::is_http_url(word) {
+            imageio::HttpUrl::parse(word).map_err(|e| usage(e.to_string()))?;
+            Ok(Target::Http(word.to_string()))
+        } else if is_nbd_uri(word) {
             word.parse().map(Target::Nbd).map_err(usage)
         } else {
             Ok(Target::File(PathBuf::from(word)))

@@ -23,10 +23,20 @@ pub struct InfoArgs {
     pub list: bool,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    #[command(flatten)]
+    pub http: crate::copy_cmd::HttpArgs,
 }
 
 pub async fn run(args: InfoArgs) -> Result<(), Failure> {
     match Target::parse(&args.target)? {
+        Target::Http(url) => {
+            if args.list {
+                return Err(crate::usage("--list needs an NBD URI"));
+            }
+            let ep = imageio::open(&url, &args.http.options(1, false)).await?;
+            print_http(&url, &ep, args.json);
+            Ok(())
+        }
         Target::Nbd(uri) => {
             let mut opts = args.nbd.connect_options(&uri)?;
             if args.list {
@@ -61,6 +71,47 @@ pub async fn run(args: InfoArgs) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn print_http(url: &str, ep: &imageio::HttpEndpoint, json: bool) {
+    use disk::Endpoint;
+    let info = ep.server();
+    let size = ep.caps().size.unwrap_or(0);
+    if json {
+        let doc = json!({
+            "url": url,
+            "protocol": if info.imageio { "imageio" } else { "http" },
+            "size": size,
+            "writable": info.writable,
+            "features": info.features,
+            "max_readers": info.max_readers,
+            "max_writers": info.max_writers,
+            "unix_socket": info.unix_socket.as_ref().map(|s| s.replace('\0', "@")),
+            "ranges": info.ranges,
+            "transport": info.transport,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+        return;
+    }
+    println!("url: {url}");
+    println!(
+        "protocol: {}",
+        if info.imageio { "imageio" } else { "http" }
+    );
+    println!("size: {size} ({})", human::size(size));
+    println!("writable: {}", info.writable);
+    if info.imageio {
+        println!("features: {}", info.features.join(" "));
+        let limit = |v: Option<u64>| v.map_or("not given (1)".to_string(), |n| n.to_string());
+        println!("max_readers: {}", limit(info.max_readers));
+        println!("max_writers: {}", limit(info.max_writers));
+        if let Some(socket) = &info.unix_socket {
+            println!("unix_socket: {}", socket.replace('\0', "@"));
+        }
+    } else {
+        println!("ranges: {}", info.ranges);
+    }
+    println!("transport: {}", info.transport);
 }
 
 fn replies_name(mode: HeaderMode) -> &'static str {

@@ -28,6 +28,8 @@ pub struct MapArgs {
     pub context: String,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    #[command(flatten)]
+    pub http: crate::copy_cmd::HttpArgs,
 }
 
 /// One output row; consecutive rows of equal type are merged before printing.
@@ -133,6 +135,7 @@ pub async fn run(args: MapArgs) -> Result<(), Failure> {
     };
     match Target::parse(&args.target)? {
         Target::Nbd(uri) => map_nbd(&uri, &args, &mut printer).await?,
+        Target::Http(url) => map_http(&url, &args, &mut printer).await?,
         Target::File(path) => {
             if args.context != CONTEXT_BASE_ALLOCATION {
                 return Err(usage(format!(
@@ -205,6 +208,56 @@ async fn map_nbd(
         offset += len;
     }
     client.disconnect().await;
+    Ok(())
+}
+
+/// An imageio URL's extents: `zero` context as base:allocation values (a qcow2 hole is
+/// `hole,zero`), `dirty` context (or a dirty bitmap name) as dirty/clean.
+async fn map_http(url: &str, args: &MapArgs, printer: &mut Printer<'_>) -> Result<(), Failure> {
+    use disk::Endpoint;
+    let dirty = args.context == "dirty" || args.context.starts_with(CONTEXT_DIRTY_BITMAP_PREFIX);
+    if !dirty && args.context != CONTEXT_BASE_ALLOCATION {
+        return Err(usage(format!(
+            "an imageio URL has the {CONTEXT_BASE_ALLOCATION} (zero) and dirty contexts, not {}",
+            args.context
+        )));
+    }
+    if dirty {
+        // Rows are described as dirty/clean.
+        printer.context = format!("{CONTEXT_DIRTY_BITMAP_PREFIX}imageio");
+    }
+    let ep = imageio::open(url, &args.http.options(1, false)).await?;
+    let size = ep.caps().size.unwrap_or(0);
+    if !dirty && !ep.caps().extents {
+        return Err(anyhow::anyhow!("{url}: the server does not offer extents").into());
+    }
+    let mut offset = 0;
+    while offset < size {
+        let len = WINDOW.min(size - offset);
+        if dirty {
+            for (e, is_dirty) in ep.dirty_extents(offset, len).await? {
+                printer.push(Row {
+                    offset: e.offset,
+                    length: e.length,
+                    kind: u64::from(is_dirty),
+                })?;
+            }
+        } else {
+            for e in ep.extents(offset, len).await? {
+                let kind = match (e.zero, e.hole) {
+                    (false, _) => 0,
+                    (true, false) => u64::from(STATE_ZERO),
+                    (true, true) => u64::from(STATE_HOLE | STATE_ZERO),
+                };
+                printer.push(Row {
+                    offset: e.offset,
+                    length: e.length,
+                    kind,
+                })?;
+            }
+        }
+        offset += len;
+    }
     Ok(())
 }
 

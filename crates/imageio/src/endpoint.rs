@@ -46,6 +46,8 @@ pub struct HttpOptions {
     pub write: bool,
     /// Use the Unix socket an imageio server on this host advertises.
     pub unix_socket: bool,
+    /// The copy is incremental: the server's dirty extents say what changed.
+    pub dirty: bool,
 }
 
 impl Default for HttpOptions {
@@ -56,6 +58,7 @@ impl Default for HttpOptions {
             connections: 4,
             write: false,
             unix_socket: true,
+            dirty: false,
         }
     }
 }
@@ -107,7 +110,10 @@ impl Shared {
         let make = || {
             let mut req = Request::get(self.target.as_str()).header(header::HOST, &self.host);
             if let Some((offset, len)) = range {
-                req = req.header(header::RANGE, format!("bytes={}-{}", offset, offset + len - 1));
+                req = req.header(
+                    header::RANGE,
+                    format!("bytes={}-{}", offset, offset + len - 1),
+                );
             }
             req.body(ReqBody::Empty).expect("valid request")
         };
@@ -288,12 +294,13 @@ fn content_range_total(headers: &http::HeaderMap) -> Option<u64> {
     v.trim().rsplit_once('/')?.1.trim().parse().ok()
 }
 
-/// Extents cached from the last query, covering [start, end) contiguously.
+/// Extents cached from the last query of one context, covering [start, end) contiguously;
+/// the flag is the dirty bit (dirty context only).
 #[derive(Default)]
 struct ExtentCache {
     start: u64,
     end: u64,
-    extents: Vec<Extent>,
+    extents: Vec<(Extent, bool)>,
 }
 
 pub struct HttpEndpoint {
@@ -301,6 +308,7 @@ pub struct HttpEndpoint {
     info: ServerInfo,
     caps: Caps,
     extents: Mutex<ExtentCache>,
+    dirty: Mutex<ExtentCache>,
     /// For servers without Range: the one GET that streams the image, and where it is.
     whole: Mutex<Option<(u64, RunReader)>>,
 }
@@ -323,7 +331,9 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         let config = tls
             .client_config()
             .map_err(|e| open_error(url, e.to_string()))?;
-        let name = tls.server_name().map_err(|e| open_error(url, e.to_string()))?;
+        let name = tls
+            .server_name()
+            .map_err(|e| open_error(url, e.to_string()))?;
         Some((config, name))
     } else {
         None
@@ -364,7 +374,10 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
                 .and_then(|v| v.as_str())
                 .map(str::to_string);
             size = doc.get("size").and_then(|v| v.as_u64());
-            info.writable = doc.get("allow_put").and_then(|v| v.as_bool()).unwrap_or(true);
+            info.writable = doc
+                .get("allow_put")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true);
             info.ranges = true;
         }
         None if parsed.ticket().is_some() => {
@@ -393,7 +406,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
             target: shared.target.clone(),
             pool: Pool::new(shared.pool.transport(), connections),
         });
-        HttpEndpoint::new(shared, info, size)
+        HttpEndpoint::new(shared, info, size, opts.dirty)
     };
     if !info.imageio {
         let (size, ranges) = probe_plain(&shared, &fail).await?;
@@ -421,12 +434,16 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
     let size = match size {
         Some(size) => size,
         None if info.has("extents") => {
-            let extents = fetch_extents(&shared, 0, None, &fail).await?;
+            let extents: Vec<Extent> = fetch_extents(&shared, "zero", 0, None, &fail)
+                .await?
+                .into_iter()
+                .map(|(e, _)| e)
+                .collect();
             let size = extents.last().map_or(0, |e| e.end());
             cache = Some(ExtentCache {
                 start: 0,
                 end: size,
-                extents,
+                extents: extents.into_iter().map(|e| (e, false)).collect(),
             });
             size
         }
@@ -532,14 +549,15 @@ async fn probe_plain(
 /// `GET …/extents?context=zero`, limited to [start, start+len) where the server allows it.
 async fn fetch_extents(
     shared: &Shared,
+    context: &str,
     start: u64,
     len: Option<u64>,
     fail: &impl Fn(String) -> DiskError,
-) -> Result<Vec<Extent>, DiskError> {
+) -> Result<Vec<(Extent, bool)>, DiskError> {
     let path = shared.target.split('?').next().unwrap_or("/");
     let target = match len {
-        Some(len) => format!("{path}/extents?context=zero&start={start}&length={len}"),
-        None => format!("{path}/extents?context=zero"),
+        Some(len) => format!("{path}/extents?context={context}&start={start}&length={len}"),
+        None => format!("{path}/extents?context={context}"),
     };
     let make = || {
         shared
@@ -548,23 +566,35 @@ async fn fetch_extents(
             .expect("valid request")
     };
     let (_, _, body) = shared.call(make, fail).await?;
-    parse_extents(&body).map_err(|e| fail(format!("bad extents from the server: {e}")))
+    parse_items(&body).map_err(|e| fail(format!("bad extents from the server: {e}")))
+}
+
+/// A server's extents list: zero-context items carry `zero` (and `hole`), dirty-context items
+/// carry `dirty` (and `zero` since imageio 2.2). Dirty is kept in the `hole` bit's place by
+/// [`parse_extents`]'s callers through [`parse_items`].
+#[derive(serde::Deserialize)]
+struct Item {
+    start: u64,
+    length: u64,
+    #[serde(default)]
+    zero: bool,
+    #[serde(default)]
+    hole: bool,
+    #[serde(default)]
+    dirty: bool,
 }
 
 /// The server's extents list, checked to be contiguous.
 pub fn parse_extents(body: &[u8]) -> Result<Vec<Extent>, String> {
-    #[derive(serde::Deserialize)]
-    struct Item {
-        start: u64,
-        length: u64,
-        zero: bool,
-        #[serde(default)]
-        hole: bool,
-    }
+    Ok(parse_items(body)?.into_iter().map(|(e, _)| e).collect())
+}
+
+/// Extents with their dirty flag, checked to be contiguous.
+fn parse_items(body: &[u8]) -> Result<Vec<(Extent, bool)>, String> {
     let items: Vec<Item> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    let mut out: Vec<Extent> = Vec::with_capacity(items.len());
+    let mut out: Vec<(Extent, bool)> = Vec::with_capacity(items.len());
     for item in items {
-        if let Some(prev) = out.last()
+        if let Some((prev, _)) = out.last()
             && prev.end() != item.start
         {
             return Err(format!(
@@ -576,18 +606,19 @@ pub fn parse_extents(body: &[u8]) -> Result<Vec<Extent>, String> {
         if item.length == 0 {
             continue;
         }
-        out.push(Extent {
+        let extent = Extent {
             offset: item.start,
             length: item.length,
             zero: item.zero,
             hole: item.hole,
-        });
+        };
+        out.push((extent, item.dirty));
     }
     Ok(out)
 }
 
 impl HttpEndpoint {
-    fn new(shared: Arc<Shared>, info: ServerInfo, size: u64) -> HttpEndpoint {
+    fn new(shared: Arc<Shared>, info: ServerInfo, size: u64, dirty: bool) -> HttpEndpoint {
         let streams = info.ranges;
         let mut caps = Caps::random_access(size);
         caps.read_only = !info.writable;
@@ -602,11 +633,13 @@ impl HttpEndpoint {
         caps.queue_depth = 64;
         caps.stream_writes = info.imageio && info.writable;
         caps.stream_reads = streams;
+        caps.dirty = info.imageio && dirty;
         HttpEndpoint {
             shared,
             info,
             caps,
             extents: Mutex::new(ExtentCache::default()),
+            dirty: Mutex::new(ExtentCache::default()),
             whole: Mutex::new(None),
         }
     }
@@ -640,12 +673,17 @@ impl HttpEndpoint {
                     format!("bytes {}-{}/*", offset, offset + len - 1),
                 );
             }
-            req.body(ReqBody::full(data.clone())).expect("valid request")
+            req.body(ReqBody::full(data.clone()))
+                .expect("valid request")
         };
         self.shared.call(make, &fail).await.map(|_| ())
     }
 
-    async fn patch(&self, doc: serde_json::Value, fail: &impl Fn(String) -> DiskError) -> Result<(), DiskError> {
+    async fn patch(
+        &self,
+        doc: serde_json::Value,
+        fail: &impl Fn(String) -> DiskError,
+    ) -> Result<(), DiskError> {
         let body = Bytes::from(doc.to_string());
         let make = || {
             self.shared
@@ -700,10 +738,22 @@ impl HttpEndpoint {
         e
     }
 
-    async fn extents_of(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+    /// Extents of `context` ("zero" or "dirty") for [offset, offset+len), from the cache when
+    /// it covers the range.
+    async fn extents_of(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(Extent, bool)>, DiskError> {
+        let cache = if context == "dirty" {
+            &self.dirty
+        } else {
+            &self.extents
+        };
         let end = offset + len;
         let cached = {
-            let cache = self.extents.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
             (cache.start <= offset && end <= cache.end).then(|| clip(&cache.extents, offset, end))
         };
         if let Some(extents) = cached {
@@ -712,39 +762,52 @@ impl HttpEndpoint {
         let fail = self.fail(Op::Extents, offset, len);
         let size = self.caps.size.unwrap_or(end);
         let window = len.max(EXTENTS_WINDOW).min(size - offset);
-        let extents = fetch_extents(&self.shared, offset, Some(window), &fail).await?;
+        let extents = fetch_extents(&self.shared, context, offset, Some(window), &fail).await?;
         let (start, stop) = match (extents.first(), extents.last()) {
-            (Some(f), Some(l)) => (f.offset, l.end()),
+            (Some((f, _)), Some((l, _))) => (f.offset, l.end()),
             _ => (offset, offset),
         };
         if start > offset || stop < end {
             return Err(fail(format!(
-                "the server's extents cover [{start}, {stop}), not the range asked for"
+                "the server's {context} extents cover [{start}, {stop}), not the range asked for"
             )));
         }
         let out = clip(&extents, offset, end);
-        *self.extents.lock().unwrap_or_else(|p| p.into_inner()) = ExtentCache {
+        *cache.lock().unwrap_or_else(|p| p.into_inner()) = ExtentCache {
             start,
             end: stop,
             extents,
         };
         Ok(out)
     }
+
+    /// Dirty and clean extents of [offset, offset+len) (the ticket must allow dirty extents).
+    pub async fn dirty_extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(Extent, bool)>, DiskError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.extents_of("dirty", offset, len).await
+    }
 }
 
 /// The extents of [start, end), cut at its edges.
-fn clip(extents: &[Extent], start: u64, end: u64) -> Vec<Extent> {
-    let first = extents.partition_point(|e| e.end() <= start);
+fn clip(extents: &[(Extent, bool)], start: u64, end: u64) -> Vec<(Extent, bool)> {
+    let first = extents.partition_point(|(e, _)| e.end() <= start);
     extents[first..]
         .iter()
-        .take_while(|e| e.offset < end)
-        .map(|e| {
+        .take_while(|(e, _)| e.offset < end)
+        .map(|(e, flag)| {
             let s = e.offset.max(start);
-            Extent {
+            let clipped = Extent {
                 offset: s,
                 length: e.end().min(end) - s,
                 ..*e
-            }
+            };
+            (clipped, *flag)
         })
         .collect()
 }
@@ -782,7 +845,8 @@ impl Endpoint for HttpEndpoint {
             while pos < end {
                 if self.info.has("zero") {
                     let n = (end - pos).min(MAX_ZERO);
-                    let doc = serde_json::json!({"op": "zero", "offset": pos, "size": n, "flush": false});
+                    let doc =
+                        serde_json::json!({"op": "zero", "offset": pos, "size": n, "flush": false});
                     self.patch(doc, &self.fail(Op::Zero, pos, n)).await?;
                     pos += n;
                 } else {
@@ -806,7 +870,8 @@ impl Endpoint for HttpEndpoint {
             if !self.caps.extents || len == 0 {
                 return Ok(vec![Extent::data(offset, len)]);
             }
-            self.extents_of(offset, len).await
+            let extents = self.extents_of("zero", offset, len).await?;
+            Ok(extents.into_iter().map(|(e, _)| e).collect())
         })
     }
 
@@ -829,6 +894,10 @@ impl Endpoint for HttpEndpoint {
             let all = futures_util::future::join_all((0..count).map(|_| flush_one())).await;
             all.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
         })
+    }
+
+    fn dirty(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<(Extent, bool)>> {
+        Box::pin(self.dirty_extents(offset, len))
     }
 
     fn stream_writer(&self) -> Option<Box<dyn StreamWriter>> {
@@ -863,10 +932,15 @@ mod tests {
         let e = parse_extents(body).unwrap();
         assert_eq!(e.len(), 3);
         assert!(e[2].hole && e[2].zero && !e[1].zero);
-        let c = clip(&e, 4096, 140000);
-        assert_eq!(c.first().unwrap().offset, 4096);
-        assert_eq!(c.last().unwrap().end(), 140000);
-        assert_eq!(c.iter().map(|x| x.length).sum::<u64>(), 140000 - 4096);
+        let items = parse_items(body).unwrap();
+        let c = clip(&items, 4096, 140000);
+        assert_eq!(c.first().unwrap().0.offset, 4096);
+        assert_eq!(c.last().unwrap().0.end(), 140000);
+        assert_eq!(c.iter().map(|x| x.0.length).sum::<u64>(), 140000 - 4096);
+        let dirty = br#"[{"start": 0, "length": 65536, "dirty": true, "zero": false},
+            {"start": 65536, "length": 65536, "dirty": false, "zero": false}]"#;
+        let d = parse_items(dirty).unwrap();
+        assert_eq!((d[0].1, d[1].1), (true, false));
     }
 
     #[test]
