@@ -158,5 +158,8 @@ async fn open(args: &ChecksumArgs) -> Result<Arc<dyn Endpoint>, Failure> {
             ))
         }
         Target::File(path) => Ok(Arc::new(FileEndpoint::open_source(&path, false)?)),
+        Target::Http(url) => Ok(Arc::new(
+            imageio::open(&url, &args.http.options(NBD_CONNECTIONS, false)).await?,
+        )),
     }
 }

@@ -86,7 +86,11 @@ impl StreamWriter for RunWriter {
     fn push(&mut self, data: Bytes) -> BoxFut<'static, ()> {
         let Some(run) = self.current.as_mut() else {
             return Box::pin(async {
-                Err(DiskError::new("http", Op::Write, "data pushed outside a run"))
+                Err(DiskError::new(
+                    "http",
+                    Op::Write,
+                    "data pushed outside a run",
+                ))
             });
         };
         run.pushed += data.len() as u64;
@@ -112,7 +116,12 @@ impl StreamWriter for RunWriter {
     }
 }
 
-async fn put_run(shared: &Shared, offset: u64, len: u64, body: StreamBody) -> Result<(), DiskError> {
+async fn put_run(
+    shared: &Shared,
+    offset: u64,
+    len: u64,
+    body: StreamBody,
+) -> Result<(), DiskError> {
     let fail = |cause: String| DiskError::new(&shared.name, Op::Write, cause).at(offset, len);
     let mut lease = shared
         .pool

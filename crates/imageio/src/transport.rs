@@ -32,7 +32,11 @@ impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Transport::Tcp { authority, tls } => {
-                write!(f, "tcp {authority}{}", if tls.is_some() { " tls" } else { "" })
+                write!(
+                    f,
+                    "tcp {authority}{}",
+                    if tls.is_some() { " tls" } else { "" }
+                )
             }
             Transport::Unix(name) => write!(f, "unix {}", name.replace('\0', "@")),
         }
@@ -125,7 +129,10 @@ impl Pool {
     }
 
     pub fn transport(&self) -> Transport {
-        self.transport.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sends later connections elsewhere (the server's Unix socket); idle ones are dropped.

@@ -52,7 +52,9 @@ impl HttpUrl {
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let close = v6.find(']').ok_or_else(|| bad("unclosed '[' in the host"))?;
+            let close = v6
+                .find(']')
+                .ok_or_else(|| bad("unclosed '[' in the host"))?;
             let host = &v6[..close];
             let port = match &v6[close + 1..] {
                 "" => default_port,
@@ -111,7 +113,8 @@ impl HttpUrl {
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 #[cfg(test)]
