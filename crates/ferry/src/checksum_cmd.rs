@@ -74,7 +74,7 @@ fn spec(args: &ChecksumArgs) -> Result<Spec, Failure> {
         .map(str::parse::<Algorithm>)
         .transpose()
         .map_err(usage)?;
-    Spec::new(kind, algorithm, args.block_size).map_err(|e| usage(format!("--block-size: {e}")))
+    Spec::new(kind, algorithm, args.block_size).map_err(usage)
 }
 
 pub async fn run(args: ChecksumArgs) -> Result<(), Failure> {
