@@ -83,6 +83,17 @@ pub struct CopyArgs {
     /// Print what was chosen and what was done.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Verify the copy: hash the source while copying, then checksum the destination (on the
+    /// server when it offers /checksum, else by reading it back); fail if they differ.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print nbdcopy's block hash of the data copied (ALG: md5, sha1, sha256, sha512; SIZE:
+    /// block size; default sha256/64k).
+    #[arg(long, value_name = "ALG[/SIZE]", num_args = 0..=1, require_equals = true, default_missing_value = "sha256/64k")]
+    pub blkhash: Option<String>,
+    /// Write the --blkhash digest to FILE instead of stdout.
+    #[arg(long, value_name = "FILE", requires = "blkhash")]
+    pub blkhash_file: Option<PathBuf>,
     /// Incremental copy from an NBD source: copy only what the dirty bitmap NAME
     /// (qemu:dirty-bitmap:NAME) marks as changed, into an existing destination.
     #[arg(long, value_name = "NAME")]
@@ -201,6 +212,8 @@ struct Opened {
     /// An HTTP endpoint: the connections it will use (one pipeline each), and what the server
     /// offers, for -v.
     http: Option<(usize, String)>,
+    /// The same endpoint when it is HTTP, for what only its server can do (`/checksum`).
+    server: Option<Arc<imageio::HttpEndpoint>>,
 }
 
 async fn open(
@@ -220,11 +233,13 @@ async fn open(
         opts
     };
     let mut http = None;
+    let mut server = None;
     let endpoint: Arc<dyn Endpoint> = match spec {
         Spec::Http(url) => {
             let mut http_opts = args.http.options(connections, !source);
             http_opts.dirty = source && args.incremental;
-            let ep = imageio::open(&url, &http_opts).await?;
+            let ep = Arc::new(imageio::open(&url, &http_opts).await?);
+            server = Some(ep.clone());
             let info = ep.server();
             http = Some((
                 ep.connections(),
@@ -237,7 +252,7 @@ async fn open(
                     info.transport
                 ),
             ));
-            Arc::new(ep)
+            ep
         }
         Spec::Nbd(uri) => {
             let mut opts = with_requests(args.nbd.connect_options(&uri)?);
@@ -276,7 +291,11 @@ async fn open(
         }
         Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
     };
-    Ok(Opened { endpoint, http })
+    Ok(Opened {
+        endpoint,
+        http,
+        server,
+    })
 }
 
 fn open_path(
@@ -348,6 +367,17 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     let mut args = args;
     if args.bitmap.is_some() {
         args.incremental = true;
+    }
+    let blkhash_spec = match &args.blkhash {
+        Some(value) => Some(
+            blkhash::Spec::parse_blkhash(value).map_err(|e| usage(format!("--blkhash: {e}")))?,
+        ),
+        None => None,
+    };
+    if blkhash_spec.is_some() && args.incremental {
+        return Err(usage(
+            "--blkhash hashes the whole source; an incremental copy reads only what changed",
+        ));
     }
     let src_spec = spec(&args.source)?;
     if args.incremental {
@@ -505,8 +535,37 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             cancel.cancel();
         })
     };
-    let job = Job::new(src.clone(), dst.clone());
-    let result = copy::copy(job, opts, progress.clone(), cancel).await;
+    // Hashers fed by the copy itself, so the source is read once.
+    let verify_hasher = (args.verify && !args.incremental)
+        .then(|| Arc::new(blkhash::Hasher::new(blkhash::Spec::imageio())));
+    let blkhash_hasher = blkhash_spec.map(|spec| Arc::new(blkhash::Hasher::new(spec)));
+    let mut job = Job::new(src.clone(), dst.clone());
+    let hashers: Vec<Arc<blkhash::Hasher>> = verify_hasher
+        .iter()
+        .chain(blkhash_hasher.iter())
+        .cloned()
+        .collect();
+    if !hashers.is_empty() {
+        job.observer = Some(Arc::new(HashObserver(hashers)));
+    }
+    let mut result = copy::copy(job, opts, progress.clone(), cancel).await;
+    if let Ok(stats) = &result
+        && (args.verify || blkhash_hasher.is_some())
+    {
+        let report = finish_hashes(
+            &args,
+            &src,
+            &dst,
+            dst_opened.server.as_deref(),
+            stats.size,
+            verify_hasher.as_deref(),
+            blkhash_hasher.as_deref(),
+        )
+        .await;
+        if let Err(e) = report {
+            result = Err(copy::CopyError::Broken(format!("{e:#}")));
+        }
+    }
     interrupt.abort();
     let _ = done_tx.send(result.is_ok());
     if let Some(r) = reporter {
@@ -536,6 +595,105 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// Feeds the source's content to the hashers as the copy reads it.
+struct HashObserver(Vec<Arc<blkhash::Hasher>>);
+
+impl copy::SourceObserver for HashObserver {
+    fn data(&self, offset: u64, data: &bytes::Bytes) {
+        for h in &self.0 {
+            h.data(offset, data);
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64) {
+        for h in &self.0 {
+            h.zero(offset, len);
+        }
+    }
+}
+
+/// Prints the --blkhash digest, and for --verify compares the source's digest with the
+/// destination's (from the server's /checksum when it has one, else read back).
+async fn finish_hashes(
+    args: &CopyArgs,
+    src: &Arc<dyn Endpoint>,
+    dst: &Arc<dyn Endpoint>,
+    dst_server: Option<&imageio::HttpEndpoint>,
+    size: u64,
+    verify: Option<&blkhash::Hasher>,
+    blk: Option<&blkhash::Hasher>,
+) -> anyhow::Result<()> {
+    if let Some(h) = blk {
+        h.set_size(size);
+        let digest = h.finish().context("computing the --blkhash digest")?;
+        match &args.blkhash_file {
+            Some(path) => std::fs::write(path, format!("{digest}\n"))
+                .with_context(|| format!("writing {}", path.display()))?,
+            None => println!("{digest}"),
+        }
+    }
+    if !args.verify {
+        return Ok(());
+    }
+    let spec = blkhash::Spec::imageio();
+    let read_opts = blkhash::endpoint::ReadOptions::default();
+    let src_digest = match verify {
+        Some(h) => {
+            h.set_size(size);
+            h.finish().context("hashing the source")?.to_hex()
+        }
+        // Incremental: the copy read only what changed, so the source is read again.
+        None => blkhash::endpoint::checksum(src.clone(), spec, &read_opts)
+            .await
+            .context("checksumming the source")?
+            .to_hex(),
+    };
+    let (dst_digest, how) = match dst_server_checksum(dst_server, &spec).await? {
+        Some(hex) => (hex, "the server's checksum"),
+        None => (
+            blkhash::endpoint::checksum(dst.clone(), spec, &read_opts)
+                .await
+                .context("checksumming the destination")?
+                .to_hex(),
+            "read back",
+        ),
+    };
+    if dst_digest != src_digest {
+        anyhow::bail!(
+            "verification failed: the destination {} differs from the source {} \
+             ({} {}/{}: source {src_digest}, destination {dst_digest} by {how})",
+            dst.name(),
+            src.name(),
+            spec.kind.name(),
+            spec.algorithm,
+            spec.block_size
+        );
+    }
+    if args.verbose {
+        eprintln!(
+            "ferry: verified: {} {}/{} {src_digest} (destination by {how})",
+            spec.kind.name(),
+            spec.algorithm,
+            spec.block_size
+        );
+    }
+    Ok(())
+}
+
+/// The destination server's own checksum, when it is an imageio server offering one.
+async fn dst_server_checksum(
+    server: Option<&imageio::HttpEndpoint>,
+    spec: &blkhash::Spec,
+) -> anyhow::Result<Option<String>> {
+    let Some(http) = server else {
+        return Ok(None);
+    };
+    Ok(http
+        .server_checksum(&spec.algorithm.to_string(), spec.block_size)
+        .await
+        .with_context(|| format!("asking {} for its checksum", http.url()))?)
 }
 
 #[cfg(test)]

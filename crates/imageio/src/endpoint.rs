@@ -644,6 +644,11 @@ impl HttpEndpoint {
         }
     }
 
+    /// The URL as the user gave it.
+    pub fn url(&self) -> &str {
+        &self.shared.name
+    }
+
     pub fn server(&self) -> &ServerInfo {
         &self.info
     }
@@ -779,6 +784,34 @@ impl HttpEndpoint {
             extents,
         };
         Ok(out)
+    }
+
+    /// The server's own checksum of the image (`GET …/checksum`) when it offers the checksum
+    /// feature: `None` when it does not. The digest is hex, as the server sent it.
+    pub async fn server_checksum(
+        &self,
+        algorithm: &str,
+        block_size: u64,
+    ) -> Result<Option<String>, DiskError> {
+        if !(self.info.imageio && self.info.has("checksum")) {
+            return Ok(None);
+        }
+        let path = self.shared.target.split('?').next().unwrap_or("/");
+        let target = format!("{path}/checksum?algorithm={algorithm}&block_size={block_size}");
+        let fail = |cause: String| DiskError::new(&self.shared.name, Op::Read, cause);
+        let make = || {
+            self.shared
+                .request(Method::GET, &target)
+                .body(ReqBody::Empty)
+                .expect("valid request")
+        };
+        let (_, _, body) = self.shared.call(make, &fail).await?;
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| fail(format!("bad checksum answer from the server: {e}")))?;
+        match doc.get("checksum").and_then(|c| c.as_str()) {
+            Some(hex) => Ok(Some(hex.to_string())),
+            None => Err(fail("the server's checksum answer has no checksum".into())),
+        }
     }
 
     /// Dirty and clean extents of [offset, offset+len) (the ticket must allow dirty extents).
