@@ -9,6 +9,8 @@
 //!   libnbd expect.
 //! - [`ferry_nbd`]: the real `ferry nbd-server` binary as a peer, ready once it writes its
 //!   `--ready-file`.
+//! - [`imageio`]: imageio transfer servers (the ovirt-imageio daemon and `ferry serve`) on
+//!   private sockets and free ports, with tickets installed through their control sockets.
 //! - [`outcome`]: running a program that may fail and inspecting how it ended.
 //! - [`tools`]: running helper programs (qemu-img, qemu-io, nbdinfo, nbdcopy) with a timeout and
 //!   parsing their JSON maps.
@@ -18,6 +20,7 @@
 
 pub mod ferry_nbd;
 pub mod image;
+pub mod imageio;
 pub mod nbd_server;
 pub mod nbdkit;
 pub mod outcome;
