@@ -127,3 +127,77 @@ fn incremental_needs_a_bitmap() {
     assert!(stderr.contains("dirty"), "{stderr}");
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), 8 << 20);
 }
+
+/// `ferry serve` over qemu-nbd with a dirty bitmap: `/extents?context=dirty` reports the
+/// changed ranges, and `ferry copy --incremental URL` applies exactly those.
+#[test]
+fn incremental_download_from_ferry_serve_dirty_extents() {
+    let dir = testutil::temp_dir();
+    let image = dir.path().join("disk.qcow2");
+    let image_s = image.to_str().unwrap();
+    let dst = dir.path().join("backup.raw");
+    let dst_s = dst.to_str().unwrap();
+    qemu_img(&["create", "-f", "qcow2", image_s, "16M"]);
+    qemu_io(&image, &["write -P 0xaa 0 8M"]);
+    ferry(["copy", "[", "qemu-nbd", "-f", "qcow2", image_s, "]", dst_s])
+        .run()
+        .expect_ok();
+    qemu_img(&["bitmap", "--add", image_s, "b0"]);
+    qemu_io(&image, &["write -P 0xbb 2M 64k", "write -z 6M 1M"]);
+    let nbd = testutil::QemuNbd::new(&image)
+        .format("qcow2")
+        .read_only()
+        .arg("-B")
+        .arg("b0")
+        .start();
+    let ticket = dir.path().join("ticket.json");
+    let doc = serde_json::json!({
+        "uuid": "inc", "size": 16 << 20, "ops": ["read"], "timeout": 300, "dirty": true,
+        "url": format!("nbd:unix:{}", nbd.socket().unwrap().display()),
+    });
+    std::fs::write(&ticket, doc.to_string()).unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut serve = std::process::Command::new(ferry_bin())
+        .args(["serve", "--no-tls", "--listen", "127.0.0.1:0", "--ticket"])
+        .arg(&ticket)
+        .arg("--control-socket")
+        .arg(dir.path().join("control.sock"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_until(std::time::Duration::from_secs(20), || {
+        std::fs::read_to_string(&ready).is_ok_and(|t| t.contains("remote"))
+    });
+    let ready: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap_or_default())
+            .unwrap_or_default();
+    let url = format!(
+        "http://{}/images/inc",
+        ready["remote"].as_str().unwrap_or("")
+    );
+    let map = ferry(["map", "--json", "--context", "dirty", &url]).run();
+    let copy = ferry(["copy", "-v", "--incremental", &url, dst_s]).run();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(up, "ferry serve did not start");
+    let dirty: Vec<serde_json::Value> = serde_json::from_str(&map.stdout_text()).unwrap();
+    let dirty: Vec<(u64, u64)> = dirty
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, vec![(2 * MIB, 64 << 10), (6 * MIB, MIB)]);
+    let stderr = copy.expect_ok();
+    assert!(stderr.contains("read 64.0 KiB"), "{stderr}");
+    let got = std::fs::read(&dst).unwrap();
+    assert!(
+        got[2 << 20..(2 << 20) + (64 << 10)]
+            .iter()
+            .all(|b| *b == 0xbb)
+    );
+    assert!(got[6 << 20..7 << 20].iter().all(|b| *b == 0));
+    assert!(got[0..2 << 20].iter().all(|b| *b == 0xaa));
+    assert!(got[7 << 20..8 << 20].iter().all(|b| *b == 0xaa));
+}

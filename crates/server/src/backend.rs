@@ -11,7 +11,9 @@ use std::sync::Arc;
 use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
 use disk::{DiskError, Endpoint, Op};
-use nbd::proto::consts::{CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
+use nbd::proto::consts::{
+    CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX,
+};
 
 use crate::ticket::{Access, BackendUrl, TicketSpec};
 
@@ -20,6 +22,15 @@ pub const MAX_CONNECTIONS: u64 = 8;
 
 /// NBD connections per ticket when the export allows several (CAN_MULTI_CONN).
 const NBD_CONNECTIONS: usize = 4;
+
+/// One item of the dirty context, as the reference reports it since 2.2.0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DirtyExtent {
+    pub start: u64,
+    pub length: u64,
+    pub dirty: bool,
+    pub zero: bool,
+}
 
 /// One extent as the extents API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -78,6 +89,11 @@ impl Backend {
                     CONTEXT_BASE_ALLOCATION.to_string(),
                     CONTEXT_ALLOCATION_DEPTH.to_string(),
                 ];
+                if spec.dirty
+                    && let Some(bitmap) = first_dirty_bitmap(&spec.url, &opts).await?
+                {
+                    opts.meta_contexts.push(bitmap);
+                }
                 let ep = NbdEndpoint::connect(&spec.url, &opts, NBD_CONNECTIONS, true).await?;
                 if writable && ep.caps().read_only {
                     return Err(DiskError::new(
@@ -160,11 +176,84 @@ impl Backend {
         Ok(out)
     }
 
+    /// Dirty-context items of [start, start+length): changed since the checkpoint or not,
+    /// and whether they read as zeroes; neighbours merged. Needs a dirty bitmap.
+    pub async fn dirty_extents(
+        &self,
+        start: u64,
+        length: u64,
+    ) -> Result<Option<Vec<DirtyExtent>>, DiskError> {
+        if !self.ep.caps().dirty {
+            return Ok(None);
+        }
+        if length == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let dirty = self.ep.dirty(start, length).await?;
+        let zero = self.ep.extents(start, length).await?;
+        let mut out: Vec<DirtyExtent> = Vec::new();
+        let mut j = 0;
+        for (d, is_dirty) in dirty {
+            let mut pos = d.offset;
+            let end = d.end();
+            while pos < end {
+                while j < zero.len() && zero[j].end() <= pos {
+                    j += 1;
+                }
+                let (is_zero, until) = match zero.get(j) {
+                    Some(z) if z.offset <= pos => (z.zero, z.end().min(end)),
+                    Some(z) => (false, z.offset.min(end)),
+                    None => (false, end),
+                };
+                match out.last_mut() {
+                    Some(last)
+                        if last.dirty == is_dirty
+                            && last.zero == is_zero
+                            && last.start + last.length == pos =>
+                    {
+                        last.length += until - pos
+                    }
+                    _ => out.push(DirtyExtent {
+                        start: pos,
+                        length: until - pos,
+                        dirty: is_dirty,
+                        zero: is_zero,
+                    }),
+                }
+                pos = until;
+            }
+        }
+        Ok(Some(out))
+    }
+
     pub async fn close(&self) {
         if let Err(e) = self.ep.close().await {
             tracing::warn!("closing {}: {e}", self.ep.name());
         }
     }
+}
+
+/// The first dirty bitmap the export offers (qemu-nbd exports the one named by `-B`), as a
+/// meta context name. The reference uses the export's one bitmap the same way.
+async fn first_dirty_bitmap(
+    url: &str,
+    opts: &nbd::ConnectOptions,
+) -> Result<Option<String>, DiskError> {
+    let mut probe = opts.clone();
+    probe.list_meta_contexts = true;
+    probe.meta_contexts = Vec::new();
+    let conn = probe
+        .connect()
+        .await
+        .map_err(|e| DiskError::from_nbd(url, Op::Open, &e))?;
+    let found = conn
+        .info()
+        .offered_contexts
+        .iter()
+        .find(|c| c.starts_with(CONTEXT_DIRTY_BITMAP_PREFIX))
+        .cloned();
+    conn.disconnect().await;
+    Ok(found)
 }
 
 /// Combines zero extents with (offset, length, unallocated) ranges into extents split at both

@@ -356,24 +356,20 @@ impl DataApi {
     ) -> Result<Response<Body>, HttpError> {
         let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
         let q = query_pairs(req.uri());
-        match query_value(&q, "context").unwrap_or("zero") {
-            "zero" => {}
+        let dirty = match query_value(&q, "context").unwrap_or("zero") {
+            "zero" => false,
             "dirty" if !ticket.spec.dirty => {
                 return Err(HttpError::not_found(
                     "Ticket does not support dirty extents",
                 ));
             }
-            "dirty" => {
-                return Err(HttpError::not_found(
-                    "Operation not supported: dirty extents need an NBD backend with a dirty bitmap",
-                ));
-            }
+            "dirty" => true,
             other => {
                 return Err(HttpError::bad_request(format!(
                     "Unsupported value '{other}' for 'context', expecting one of ['dirty', 'zero']"
                 )));
             }
-        }
+        };
         let available = ticket.spec.size.min(backend.size);
         let number = |key: &str| -> Result<Option<u64>, HttpError> {
             query_value(&q, key)
@@ -395,12 +391,23 @@ impl DataApi {
                 Some(available),
             ));
         }
-        let extents = backend.extents(start, length).await?;
+        let text = if dirty {
+            match backend.dirty_extents(start, length).await? {
+                Some(items) => serde_json::to_string(&items).expect("extents serialize"),
+                None => {
+                    return Err(HttpError::not_found(
+                        "Operation not supported: dirty extents need an NBD backend with a \
+                         dirty bitmap",
+                    ));
+                }
+            }
+        } else {
+            serde_json::to_string(&backend.extents(start, length).await?)
+                .expect("extents serialize")
+        };
         // Counting extents as activity keeps a client that maps a huge image from expiring.
         ticket.touch();
-        Ok(json_text(
-            serde_json::to_string(&extents).expect("extents serialize"),
-        ))
+        Ok(json_text(text))
     }
 }
 
