@@ -22,7 +22,7 @@ use crate::transport::{Lease, Pool, Transport};
 use crate::url::HttpUrl;
 
 /// Attempts after the first for a request that broke with its connection.
-const RETRIES: usize = 3;
+pub(crate) const RETRIES: usize = 3;
 /// Largest PUT or GET for a single `write` or `read` call (streamed runs have no limit).
 const MAX_REQUEST: u64 = 8 << 20;
 /// Zero requests are split so that none runs for minutes on a slow server.
@@ -253,7 +253,7 @@ pub(crate) fn hyper_reason(e: &hyper::Error) -> String {
 }
 
 /// The connection broke before an answer: the request may be sent again.
-fn retryable(e: &hyper::Error) -> bool {
+pub(crate) fn retryable(e: &hyper::Error) -> bool {
     if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
         return true;
     }

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::body::{ReqBody, RunState, RunWatch, StreamBody};
-use crate::endpoint::{Shared, status_error};
+use crate::endpoint::{RETRIES, Shared, retryable, status_error};
 
 /// One pipeline's uploads: runs are sent one after another by one task, each as one PUT.
 pub struct RunWriter {
@@ -123,12 +123,7 @@ async fn put_run(
     body: StreamBody,
 ) -> Result<(), DiskError> {
     let fail = |cause: String| DiskError::new(&shared.name, Op::Write, cause).at(offset, len);
-    let mut lease = shared
-        .pool
-        .get()
-        .await
-        .map_err(|e| fail(format!("cannot connect: {e}")))?;
-    let req = Request::put(shared.target_with("flush=n"))
+    let mut req = Request::put(shared.target_with("flush=n"))
         .header(header::HOST, &shared.host)
         .header(header::CONTENT_LENGTH, len)
         .header(
@@ -137,11 +132,31 @@ async fn put_run(
         )
         .body(ReqBody::Stream(body))
         .map_err(|e| fail(e.to_string()))?;
-    let resp = lease
-        .sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(crate::endpoint::hyper_reason(&e)))?;
+    let mut attempt = 0;
+    let (resp, lease) = loop {
+        let mut lease = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        match lease.sender.try_send_request(req).await {
+            Ok(resp) => break (resp, lease),
+            Err(mut e) => {
+                let reason = crate::endpoint::hyper_reason(e.error());
+                // A request hyper hands back was never sent (a keep-alive connection the
+                // server had just closed): its body is intact and it can go again. One whose
+                // body started streaming cannot.
+                match e.take_message() {
+                    Some(back) if attempt < RETRIES && retryable(e.error()) => {
+                        attempt += 1;
+                        tracing::warn!("{}; retrying ({attempt} of {RETRIES})", fail(reason));
+                        req = back;
+                    }
+                    _ => return Err(fail(reason)),
+                }
+            }
+        }
+    };
     if !resp.status().is_success() {
         return Err(status_error(resp, &fail).await);
     }
