@@ -34,6 +34,10 @@ pub const SERVER_NAME: &str = concat!("ferry/", env!("CARGO_PKG_VERSION"));
 
 /// Largest request head hyper buffers; longer request lines or headers are refused.
 const MAX_HEAD: usize = 64 << 10;
+/// hyper's read buffer grows to this: upload bodies arrive in frames this large, so fewer
+/// reads and fewer, larger backend writes. (hyper also takes it as the header limit, which
+/// stays bounded per connection.)
+const READ_BUFFER: usize = 1 << 20;
 
 /// Per-connection state shared by the socket wrapper and the request handlers.
 pub struct ConnCtx {
@@ -141,7 +145,7 @@ where
         // Do not read ahead while a handler works: a long zero or flush must not be cut short
         // because the client half-closed, and EOF is seen on the next read anyway.
         .half_close(true)
-        .max_buf_size(MAX_HEAD.max(8192))
+        .max_buf_size(READ_BUFFER.max(MAX_HEAD))
         .serve_connection(TokioIo::new(timed), svc)
         .await;
     ctx.unbind_all();

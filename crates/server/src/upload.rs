@@ -29,6 +29,12 @@ use crate::ticket::Access;
 /// backend request long enough to hit storage timeouts (iSCSI/LIO).
 const ZERO_STEP: u64 = 128 << 20;
 
+/// Body frames at least this large are written as received (backends without alignment
+/// needs); smaller ones are gathered into chunk buffers so requests do not get tiny.
+const ZERO_COPY_MIN: usize = 128 << 10;
+/// Backend writes in flight per upload at most, however small.
+const MAX_WRITES: usize = 64;
+
 /// Zero detection in uploaded data works on aligned blocks of this size.
 const ZERO_DETECT_BLOCK: usize = 64 << 10;
 
@@ -110,6 +116,9 @@ pub(crate) async fn put(
     let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
 
     let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
+    // Bytes received but not yet written, whatever their requests' sizes.
+    let mut in_flight: u64 = 0;
+    let zero_copy = backend.min_block() == 1;
     let depth = api.tuning.depth.max(1);
     let mut writes: FuturesUnordered<WriteFut> = FuturesUnordered::new();
     // The buffer being filled: its absolute offset, the buffer, and bytes in it.
@@ -148,7 +157,10 @@ pub(crate) async fn put(
         tokio::select! {
             biased;
             Some(done) = writes.next(), if !writes.is_empty() => match done {
-                Ok(n) => op.progress(n),
+                Ok(n) => {
+                    in_flight -= n;
+                    op.progress(n)
+                }
                 Err(e) => {
                     if failure.is_none() {
                         failure = Some(HttpError::from(e).closing());
@@ -162,7 +174,7 @@ pub(crate) async fn put(
                 body_done = true;
             }
             frame = tokio::time::timeout(ctx.timeout(), body.frame()),
-                if !body_done && writes.len() < depth =>
+                if !body_done && in_flight < depth as u64 * chunk && writes.len() < MAX_WRITES =>
             {
                 let data = match frame {
                     Err(_) => {
@@ -197,6 +209,18 @@ pub(crate) async fn put(
                     failure = Some(HttpError::range(
                         "Requested range out of allowed range", Some(available)).closing());
                     body_done = true;
+                    continue;
+                }
+                in_flight += data.len() as u64;
+                // Large frames go to a byte-addressable backend as they are: copying them into
+                // a chunk buffer would cost a pass over every byte uploaded.
+                if zero_copy && data.len() >= ZERO_COPY_MIN {
+                    if let Some((at, b, filled)) = buf.take() {
+                        submit(&mut writes, at, b.freeze().slice(..filled));
+                    }
+                    let n = data.len() as u64;
+                    submit(&mut writes, pos, data);
+                    pos += n;
                     continue;
                 }
                 let mut rest = &data[..];
