@@ -118,7 +118,10 @@ impl Hasher {
         Hasher::with_options(spec, Some(size), HasherOptions::default())
     }
 
+    /// A hasher with explicit options. `spec` should have passed [`Spec::check`]; a zero
+    /// block size is a programming error and panics.
     pub fn with_options(spec: Spec, size: Option<u64>, options: HasherOptions) -> Hasher {
+        assert!(spec.block_size > 0, "blkhash: block size 0");
         let max_pending = if options.max_pending == 0 {
             (64 << 20).max(4 * spec.block_size)
         } else {
