@@ -221,12 +221,15 @@ struct Worker<'a> {
     bytes: u64,
     /// Destination extents of the current work range, when asked for.
     dst_map: Vec<Extent>,
-    /// Streams each data run to the destination as one request (HTTP PUT).
+    /// Streams runs of data to the destination as one request each (HTTP PUT).
     writer: Option<Box<dyn StreamWriter>>,
-    /// Data runs planned but not yet begun on the writer, in order.
-    write_runs: VecDeque<(u64, u64)>,
-    /// End of the run the writer is in, when it is in one.
-    write_run_end: Option<u64>,
+    /// Completed reads (cut into data and zero segments) waiting for the writer: held until
+    /// a run of data long enough for one request has gathered, or a zero gap or a break in
+    /// contiguity ends the run. Zero blocks are thus never sent inside a request, whose
+    /// length must be announced when it starts.
+    pending: VecDeque<Segment>,
+    /// A run this long is sent without waiting for its end.
+    commit: u64,
     /// Reads each data run of the source as one request (HTTP ranged GET).
     reader: Option<Box<dyn StreamReader>>,
 }
@@ -248,8 +251,15 @@ impl<'a> Worker<'a> {
                 .caps()
                 .size
                 .and_then(|_| shared.dst.stream_writer()),
-            write_runs: VecDeque::new(),
-            write_run_end: None,
+            pending: VecDeque::new(),
+            commit: {
+                let opts = &shared.opts;
+                let budget = opts
+                    .queue_bytes
+                    .min(opts.requests.max(1) as u64 * opts.src_request.max(1));
+                // Half the budget at most, so the next run's reads can gather meanwhile.
+                STREAM_COMMIT.min(budget / 2).max(opts.src_request.max(1))
+            },
             reader: shared.src.stream_reader(),
         }
     }
@@ -263,6 +273,9 @@ impl<'a> Worker<'a> {
             // for data that will not come.
             self.writer = None;
             self.reader = None;
+            for seg in self.pending.drain(..) {
+                self.bytes -= seg.len;
+            }
         }
         // Drain: writes and zeroes in flight finish (or fail) before the worker ends, so the
         // destination is left in a known state. Reads still in flight after a stop would only
@@ -346,6 +359,7 @@ impl<'a> Worker<'a> {
                     }
                     self.complete_one().await?;
                 }
+                self.form_requests(true);
                 let dst = self.dst;
                 self.dst_map = self.drive(dst.extents(start, len)).await??;
             }
@@ -353,12 +367,8 @@ impl<'a> Worker<'a> {
             let src_depth = self.src.caps().queue_depth.max(1);
             let dst_depth = self.dst.caps().queue_depth.max(1);
             let steps = plan(&extents, start, end, opts.src_request.max(1), zero_align);
-            let runs = data_runs(&steps);
-            if self.writer.is_some() {
-                self.write_runs.extend(runs.iter().copied());
-            }
             let mut read_runs: VecDeque<(u64, u64)> = if self.reader.is_some() {
-                runs.into()
+                data_runs(&steps).into()
             } else {
                 VecDeque::new()
             };
@@ -497,7 +507,8 @@ impl<'a> Worker<'a> {
         if let Some(observer) = &self.shared.observer {
             observer.data(offset, &data);
         }
-        if self.stream(offset, &data) {
+        if self.writer.is_some() {
+            self.gather(offset, data);
             return Ok(());
         }
         let opts = &self.shared.opts;
@@ -538,35 +549,69 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Sends a completed read into the destination's current streamed run, beginning the run
-    /// at its first piece. False when the destination does not stream. Zero detection does
-    /// not apply inside a run: its length was announced when it began.
-    fn stream(&mut self, offset: u64, data: &Bytes) -> bool {
-        let Some(writer) = self.writer.as_mut() else {
-            return false;
+    /// Adds a completed read to the streaming writer's pending segments, then sends what is
+    /// ready. Everything is sent once no read is left that could extend a run.
+    fn gather(&mut self, offset: u64, data: Bytes) {
+        let opts = &self.shared.opts;
+        let block = if opts.sparse > 0 && !opts.allocated {
+            opts.sparse.max(STREAM_ZERO_BLOCK) as usize
+        } else {
+            0
         };
-        if self.write_run_end.is_none_or(|end| offset >= end)
-            && let Some(&(run_start, run_len)) = self.write_runs.front()
-            && run_start == offset
-        {
-            self.write_runs.pop_front();
-            writer.begin(run_start, run_len);
-            self.write_run_end = Some(run_start + run_len);
+        for piece in sparse::split(&data, offset, block) {
+            let at = offset + piece.start as u64;
+            self.pending.push_back(Segment {
+                offset: at,
+                len: piece.len as u64,
+                data: (!piece.zero).then(|| data.slice(piece.start..piece.start + piece.len)),
+            });
         }
-        let n = data.len() as u64;
-        let piece = writer.push(data.clone());
-        if self.write_run_end == Some(offset + n) {
-            self.write_run_end = None;
+        let flush = self.reads.is_empty();
+        self.form_requests(flush);
+    }
+
+    /// Sends pending segments: zeroes as zero requests, and each run of contiguous data as
+    /// one streamed request once it has ended (a zero gap, a break) or reached the commit
+    /// size; with `flush`, every run now.
+    fn form_requests(&mut self, flush: bool) {
+        loop {
+            while self.pending.front().is_some_and(|seg| seg.data.is_none()) {
+                let seg = self.pending.pop_front().expect("front");
+                self.bytes -= seg.len;
+                self.zero(seg.offset, seg.len);
+            }
+            let Some(first) = self.pending.front() else {
+                return;
+            };
+            let start = first.offset;
+            let mut end = start;
+            let mut count = 0;
+            let mut ended = false;
+            for seg in &self.pending {
+                if seg.data.is_none() || seg.offset != end {
+                    ended = true;
+                    break;
+                }
+                end += seg.len;
+                count += 1;
+            }
+            if !(ended || flush || end - start >= self.commit) {
+                return;
+            }
+            let writer = self.writer.as_mut().expect("streaming writer");
+            writer.begin(start, end - start);
+            for seg in self.pending.drain(..count) {
+                let piece = writer.push(seg.data.expect("data segment"));
+                let (n, shared) = (seg.len, self.shared);
+                self.writes.push(Box::pin(async move {
+                    piece.await?;
+                    shared.written.fetch_add(n, Ordering::Relaxed);
+                    shared.progress.add(n);
+                    Ok(n)
+                }));
+                self.ops += 1;
+            }
         }
-        let shared = self.shared;
-        self.writes.push(Box::pin(async move {
-            piece.await?;
-            shared.written.fetch_add(n, Ordering::Relaxed);
-            shared.progress.add(n);
-            Ok(n)
-        }));
-        self.ops += 1;
-        true
     }
 
     /// Zeroes [offset, offset+len) on the destination unless it already reads as zero.
@@ -599,7 +644,20 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// Contiguous runs of reads in a plan: each is streamed as one request where endpoints stream.
+/// A streamed run is sent once this much of it has been read, without waiting for its end.
+const STREAM_COMMIT: u64 = 8 << 20;
+/// Zero blocks inside streamed data are found at this granularity: smaller zero blocks stay
+/// in the data, since every gap ends a request.
+const STREAM_ZERO_BLOCK: u64 = 64 << 10;
+
+/// A piece of a completed read waiting for the streaming writer; `data` is `None` for zeroes.
+struct Segment {
+    offset: u64,
+    len: u64,
+    data: Option<Bytes>,
+}
+
+/// Contiguous runs of reads in a plan: each is read as one request where sources stream.
 fn data_runs(steps: &[Step]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut joinable = false;

@@ -42,7 +42,7 @@ impl RunWriter {
         let (tx, mut rx) = mpsc::unbounded_channel::<PutRun>();
         tokio::spawn(async move {
             while let Some(run) = rx.recv().await {
-                let result = put_run(&shared, run.offset, run.len, run.body).await;
+                let result = put_run(&shared, run.offset, run.len, run.body, &run.state).await;
                 if let Err(e) = &result {
                     tracing::debug!("{e}");
                 }
@@ -121,6 +121,7 @@ async fn put_run(
     offset: u64,
     len: u64,
     body: StreamBody,
+    state: &RunWatch,
 ) -> Result<(), DiskError> {
     let fail = |cause: String| DiskError::new(&shared.name, Op::Write, cause).at(offset, len);
     let mut req = Request::put(shared.target_with("flush=n"))
@@ -146,8 +147,9 @@ async fn put_run(
                 // A request hyper hands back was never sent (a keep-alive connection the
                 // server had just closed): its body is intact and it can go again. One whose
                 // body started streaming cannot.
+                let untouched = state.borrow().handed == offset;
                 match e.take_message() {
-                    Some(back) if attempt < RETRIES && retryable(e.error()) => {
+                    Some(back) if untouched && attempt < RETRIES && retryable(e.error()) => {
                         attempt += 1;
                         tracing::warn!("{}; retrying ({attempt} of {RETRIES})", fail(reason));
                         req = back;
