@@ -20,7 +20,7 @@ use crate::copy_cmd::{HttpArgs, parse_size};
 use crate::endpoint::{NbdArgs, Target, subprocess_argv};
 use crate::{Failure, usage};
 
-/// NBD connections to use when the server allows several (multi-conn).
+/// Connections to use when the server allows several (NBD multi-conn, imageio readers).
 const NBD_CONNECTIONS: usize = 4;
 
 #[derive(clap::Args, Debug)]
@@ -140,10 +140,6 @@ async fn open(args: &ChecksumArgs) -> Result<Arc<dyn Endpoint>, Failure> {
         return Ok(Arc::new(
             SubprocessEndpoint::start(&argv, &opts, extents).await?,
         ));
-    }
-    if imageio::is_http_url(word) {
-        let ep = imageio::open(word, &args.http.options(NBD_CONNECTIONS, false)).await?;
-        return Ok(Arc::new(ep));
     }
     if word == "-" || word == "null:" {
         return Err(usage(format!(

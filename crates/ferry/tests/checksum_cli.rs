@@ -123,6 +123,13 @@ fn same_value_as_the_imageio_daemon() {
             assert_eq!(ours[key], theirs[key], "{key} for {query:?}");
         }
     }
+    // Through the daemon itself: ferry reads the ticket over HTTP and hashes locally.
+    let run = ferry(["checksum", &daemon.url("t")]).run();
+    run.expect_ok();
+    assert_eq!(
+        run.stdout_text().trim(),
+        reference(&[], &std::fs::read(&path).unwrap())
+    );
 }
 
 #[test]
