@@ -474,38 +474,23 @@ fn compare_files(a: &std::fs::File, b: &std::fs::File, size: u64) -> anyhow::Res
 }
 
 /// The `ferry serve` step: the sample goes up to an in-process server over plain HTTP and comes
-/// back down, with the requests an imageio client sends.
+/// back down, through the copy engine's imageio endpoints (streamed PUTs, PATCH zero, ranged
+/// GETs), the way `ferry copy FILE https://…/images/TICKET` moves images.
 mod serve_step {
-    use std::net::SocketAddr;
     use std::path::Path;
     use std::sync::Arc;
     use std::time::Instant;
 
-    use anyhow::{Context, bail, ensure};
-    use bytes::Bytes;
+    use anyhow::Context;
     use disk::Endpoint;
     use disk::file::FileEndpoint;
-    use futures_util::StreamExt;
-    use http_body_util::combinators::UnsyncBoxBody;
-    use http_body_util::{BodyExt, Empty, Full, StreamBody};
-    use hyper::body::{Frame, Incoming};
-    use hyper::client::conn::http1::SendRequest;
-    use hyper::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE};
-    use hyper::{Request, Response};
-    use hyper_util::rt::TokioIo;
     use serde_json::json;
     use server::{Server, ServerConfig, TicketSpec, TicketStore};
 
-    use super::{Step, verify};
-
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
-
-    /// Bytes per read of an upload body; two reads run ahead of the socket.
-    const PIECE: u64 = 1 << 20;
+    use super::{Step, run_copy, verify};
 
     /// Serves a new raw file over plain HTTP on a free loopback port (a write ticket to upload,
-    /// a read ticket to download), uploads the sample into it, downloads it into another new
+    /// a read ticket to download), copies the sample into it, copies it back into another new
     /// file, and verifies both against the sample. One table row per direction.
     pub(super) async fn round_trip(
         dir: &Path,
@@ -534,204 +519,46 @@ mod serve_step {
                 .store()
                 .add(TicketSpec::from_json(doc.to_string().as_bytes())?);
         }
-        let mut conn = Conn::connect(server.remote_addr()).await?;
+        let base = format!("http://{}/images", server.remote_addr());
+        let http = |write| imageio::HttpOptions {
+            write,
+            ..imageio::HttpOptions::default()
+        };
 
         let started = Instant::now();
-        let (puts, zeroes) = upload(&mut conn, "/images/demo-upload", sample, size).await?;
+        let src: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open_source(sample, false)?);
+        let dst: Arc<dyn Endpoint> =
+            Arc::new(imageio::open(&format!("{base}/demo-upload"), &http(true)).await?);
+        let stats = run_copy(src, dst).await?;
         let up = Step {
             name: "file -> ferry serve (HTTP)".into(),
             bytes: size,
             elapsed: started.elapsed(),
             check: format!(
-                "{}; {puts} PUT, {zeroes} PATCH zero",
-                verify(sample, &target, data, true)?
+                "{}; {} MiB sent",
+                verify(sample, &target, data, true)?,
+                stats.bytes_written >> 20
             ),
         };
 
         let out = dir.join("http-download.raw");
         let started = Instant::now();
-        let gets = download(&mut conn, "/images/demo-download", &out, size).await?;
+        let src: Arc<dyn Endpoint> =
+            Arc::new(imageio::open(&format!("{base}/demo-download"), &http(false)).await?);
+        let dst: Arc<dyn Endpoint> =
+            Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?);
+        let stats = run_copy(src, dst).await?;
         let down = Step {
             name: "ferry serve (HTTP) -> file".into(),
             bytes: size,
             elapsed: started.elapsed(),
-            check: format!("{}; {gets} ranged GET", verify(sample, &out, data, true)?),
+            check: format!(
+                "{}; {} MiB received",
+                verify(sample, &out, data, true)?,
+                stats.bytes_read >> 20
+            ),
         };
-        drop(conn);
         drop(server);
         Ok([up, down])
-    }
-
-    /// One streaming PUT per data extent of the sample and one PATCH zero per hole, then a
-    /// PATCH flush. Returns the numbers of PUTs and zeroes.
-    async fn upload(
-        conn: &mut Conn,
-        path: &str,
-        sample: &Path,
-        size: u64,
-    ) -> anyhow::Result<(usize, usize)> {
-        let extents = disk::file_extents::file_extents(&std::fs::File::open(sample)?, 0, size)?;
-        let src: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open_source(sample, false)?);
-        let (mut puts, mut zeroes) = (0, 0);
-        for e in &extents {
-            let last = e.offset + e.length - 1;
-            if e.zero {
-                let op =
-                    json!({"op": "zero", "offset": e.offset, "size": e.length, "flush": false});
-                let what = format!("PATCH zero bytes {}-{last}", e.offset);
-                conn.call_small(patch(path, op)?, &what).await?;
-                zeroes += 1;
-            } else {
-                let req = Request::put(format!("{path}?flush=n"))
-                    .header(CONTENT_LENGTH, e.length)
-                    .header(CONTENT_RANGE, format!("bytes {}-{last}/{size}", e.offset))
-                    .body(file_body(src.clone(), e.offset, e.length))?;
-                let what = format!("PUT bytes {}-{last}", e.offset);
-                conn.call_small(req, &what).await?;
-                puts += 1;
-            }
-        }
-        conn.call_small(patch(path, json!({"op": "flush"}))?, "PATCH flush")
-            .await?;
-        src.close().await?;
-        Ok((puts, zeroes))
-    }
-
-    /// One extent of the extents API (`context=zero`).
-    #[derive(serde::Deserialize)]
-    struct ImageExtent {
-        start: u64,
-        length: u64,
-        zero: bool,
-    }
-
-    /// Asks the server for the image's extents, then streams one ranged GET per data extent
-    /// into a new file; zero extents stay holes. Returns the number of GETs.
-    async fn download(conn: &mut Conn, path: &str, out: &Path, size: u64) -> anyhow::Result<usize> {
-        let req = Request::get(format!("{path}/extents")).body(empty())?;
-        let body = conn.call_small(req, "GET extents").await?;
-        let extents: Vec<ImageExtent> =
-            serde_json::from_slice(&body).context("parsing the server's extents")?;
-        let dst = FileEndpoint::open_destination(out, Some(size), false)?;
-        let mut gets = 0;
-        for e in extents.iter().filter(|e| !e.zero) {
-            let end = e.start + e.length;
-            let what = format!("GET bytes {}-{}", e.start, end - 1);
-            let req = Request::get(path)
-                .header(RANGE, format!("bytes={}-{}", e.start, end - 1))
-                .body(empty())?;
-            let mut body = conn.call(req, &what).await?.into_body();
-            let mut at = e.start;
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.with_context(|| what.clone())?.into_data() else {
-                    continue; // trailers
-                };
-                let n = data.len() as u64;
-                ensure!(at + n <= end, "{what}: the server sent more than asked");
-                dst.write(at, data).await?;
-                at += n;
-            }
-            ensure!(
-                at == end,
-                "{what}: got {} of {} bytes",
-                at - e.start,
-                e.length
-            );
-            gets += 1;
-        }
-        dst.flush().await?;
-        dst.close().await?;
-        Ok(gets)
-    }
-
-    /// `[offset, offset + length)` of `src` as a streaming request body: PIECE-sized reads,
-    /// two in flight, so the body is never in memory whole.
-    fn file_body(src: Arc<dyn Endpoint>, offset: u64, length: u64) -> ReqBody {
-        let end = offset + length;
-        let reads = futures_util::stream::iter((offset..end).step_by(PIECE as usize))
-            .map(move |at| {
-                let src = src.clone();
-                async move {
-                    let data = src.read(at, PIECE.min(end - at)).await?;
-                    Ok::<_, BoxError>(Frame::data(data))
-                }
-            })
-            .buffered(2);
-        StreamBody::new(reads).boxed_unsync()
-    }
-
-    fn empty() -> ReqBody {
-        Empty::new().map_err(|never| match never {}).boxed_unsync()
-    }
-
-    fn patch(path: &str, op: serde_json::Value) -> anyhow::Result<Request<ReqBody>> {
-        let body = Full::new(Bytes::from(op.to_string()))
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        Ok(Request::patch(path)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)?)
-    }
-
-    /// One keep-alive HTTP/1.1 connection; requests go one at a time.
-    struct Conn {
-        sender: SendRequest<ReqBody>,
-        driver: tokio::task::JoinHandle<Result<(), hyper::Error>>,
-    }
-
-    impl Conn {
-        async fn connect(addr: SocketAddr) -> anyhow::Result<Conn> {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to ferry serve at {addr}"))?;
-            stream.set_nodelay(true)?;
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            Ok(Conn {
-                sender,
-                driver: tokio::spawn(connection),
-            })
-        }
-
-        /// Sends `req`; an answer other than 2xx is an error with `what` and the server's
-        /// message.
-        async fn call(
-            &mut self,
-            req: Request<ReqBody>,
-            what: &str,
-        ) -> anyhow::Result<Response<Incoming>> {
-            self.sender
-                .ready()
-                .await
-                .with_context(|| format!("{what}: the connection is gone"))?;
-            let resp = self
-                .sender
-                .send_request(req)
-                .await
-                .with_context(|| what.to_string())?;
-            let status = resp.status();
-            if !status.is_success() {
-                let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-                let text = body.unwrap_or_default();
-                bail!(
-                    "{what}: {status}: {}",
-                    String::from_utf8_lossy(&text).trim_end()
-                );
-            }
-            Ok(resp)
-        }
-
-        /// [`Conn::call`] for answers small enough to collect.
-        async fn call_small(&mut self, req: Request<ReqBody>, what: &str) -> anyhow::Result<Bytes> {
-            let resp = self.call(req, what).await?;
-            let body = resp.into_body().collect().await;
-            Ok(body.with_context(|| what.to_string())?.to_bytes())
-        }
-    }
-
-    impl Drop for Conn {
-        fn drop(&mut self) {
-            self.driver.abort();
-        }
     }
 }
