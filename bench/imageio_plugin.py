@@ -50,6 +50,7 @@ tell how many HTTP requests a copy took.
 import errno
 import http.client
 import json
+import os
 import socket
 import ssl
 import sys
@@ -230,8 +231,12 @@ class Handle:
     def close(self):
         wall = time.monotonic() - self.started
         parts = [f"{k} {c} ({b / (1 << 20):.1f} MiB)" for k, (c, b) in sorted(self.stats.items())]
-        print(f"imageio_plugin: connection closed after {wall:.3f} s over {self.transport}: "
-              f"{', '.join(parts) or 'no requests'}", file=sys.stderr, flush=True)
+        line = (f"imageio_plugin: connection closed after {wall:.3f} s over {self.transport}: "
+                f"{', '.join(parts) or 'no requests'}\n")
+        # one write(2) per line: connections closing at the same moment must
+        # not interleave their lines in the log (print writes the newline
+        # separately)
+        os.write(sys.stderr.fileno(), line.encode())
         self.con.close()
 
 
