@@ -274,7 +274,9 @@ impl<'a> Worker<'a> {
             self.writer = None;
             self.reader = None;
             for seg in self.pending.drain(..) {
-                self.bytes -= seg.len;
+                if seg.data.is_some() {
+                    self.bytes -= seg.len;
+                }
             }
         }
         // Drain: writes and zeroes in flight finish (or fail) before the worker ends, so the
@@ -560,9 +562,22 @@ impl<'a> Worker<'a> {
         };
         for piece in sparse::split(&data, offset, block) {
             let at = offset + piece.start as u64;
+            let len = piece.len as u64;
+            if piece.zero {
+                // Zeroes need no memory: their budget is released now, and neighbouring zero
+                // blocks (also across reads) become one zero request.
+                self.bytes -= len;
+                if let Some(last) = self.pending.back_mut()
+                    && last.data.is_none()
+                    && last.offset + last.len == at
+                {
+                    last.len += len;
+                    continue;
+                }
+            }
             self.pending.push_back(Segment {
                 offset: at,
-                len: piece.len as u64,
+                len,
                 data: (!piece.zero).then(|| data.slice(piece.start..piece.start + piece.len)),
             });
         }
@@ -576,8 +591,11 @@ impl<'a> Worker<'a> {
     fn form_requests(&mut self, flush: bool) {
         loop {
             while self.pending.front().is_some_and(|seg| seg.data.is_none()) {
+                // A zero run at the end may still grow with the next read.
+                if self.pending.len() == 1 && !flush {
+                    return;
+                }
                 let seg = self.pending.pop_front().expect("front");
-                self.bytes -= seg.len;
                 self.zero(seg.offset, seg.len);
             }
             let Some(first) = self.pending.front() else {
