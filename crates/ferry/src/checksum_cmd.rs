@@ -59,6 +59,9 @@ pub struct ChecksumArgs {
     /// Ignore the endpoint's extents and read everything (same result, slower).
     #[arg(long)]
     pub no_extents: bool,
+    /// Read and hash an imageio URL here even when its server offers /checksum.
+    #[arg(long)]
+    pub read: bool,
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
@@ -79,28 +82,51 @@ fn spec(args: &ChecksumArgs) -> Result<Spec, Failure> {
 
 pub async fn run(args: ChecksumArgs) -> Result<(), Failure> {
     let spec = spec(&args)?;
-    let ep = open(&args).await?;
+    let (ep, http) = open(&args).await?;
     let opts = ReadOptions {
         request_size: args.request_size.unwrap_or(0),
         in_flight: args.requests as usize,
         extents: !args.no_extents,
     };
-    let result = checksum_endpoint(ep.clone(), spec, &opts).await;
-    if let Err(e) = ep.close().await {
-        tracing::warn!("closing {}: {e}", ep.name());
-    }
-    let digest = result?;
+    // An imageio server that offers /checksum computes it next to the data: nothing crosses
+    // the network but the digest. Any failure there falls back to reading.
+    let from_server = match (&http, spec.kind) {
+        (Some(server), Kind::Imageio) if !args.read => {
+            match server
+                .server_checksum(&spec.algorithm.name(), spec.block_size)
+                .await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!("{e}; reading the image instead");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let (hex, computed_by) = match from_server {
+        Some(hex) => (hex, "server"),
+        None => {
+            let result = checksum_endpoint(ep.clone(), spec, &opts).await;
+            if let Err(e) = ep.close().await {
+                tracing::warn!("closing {}: {e}", ep.name());
+            }
+            (result?.to_hex(), "ferry")
+        }
+    };
     if args.json {
         let doc = serde_json::json!({
             "algorithm": spec.algorithm.name(),
             "block_size": spec.block_size,
-            "checksum": digest.to_hex(),
+            "checksum": hex,
+            "computed_by": computed_by,
             "kind": spec.kind.name(),
             "size": ep.caps().size,
         });
         println!("{doc}");
     } else {
-        println!("{digest}");
+        println!("{hex}");
     }
     Ok(())
 }
@@ -108,11 +134,7 @@ pub async fn run(args: ChecksumArgs) -> Result<(), Failure> {
 /// The checksum of everything `ep` holds: the one entry point for every endpoint kind, so an
 /// endpoint type added to `disk` (or the imageio crate) is checksummed without changes here.
 ///
-/// Hook for server-side checksums: an imageio server that lists the `checksum` feature can
-/// compute an imageio-kind checksum next to the data (`GET /images/{id}/checksum`) instead of
-/// sending every byte. `disk::Endpoint` has no method for that yet; once the HTTP endpoint
-/// offers one (say `fn remote_checksum(&self, spec) -> Option<BoxFut<'_, Digest>>`), ask it
-/// here first when `spec.kind == Kind::Imageio`, and fall back to reading on `None`.
+/// (Imageio URLs whose server offers `/checksum` are asked first, in [`run`].)
 pub async fn checksum_endpoint(
     ep: Arc<dyn Endpoint>,
     spec: Spec,
@@ -121,8 +143,11 @@ pub async fn checksum_endpoint(
     Ok(checksum(ep, spec, opts).await?)
 }
 
+/// An endpoint, and the same endpoint as an HTTP one when it is (for its server's checksum).
+type Opened = (Arc<dyn Endpoint>, Option<Arc<imageio::HttpEndpoint>>);
+
 /// Opens the endpoint read-only, with extents unless they are turned off.
-async fn open(args: &ChecksumArgs) -> Result<Arc<dyn Endpoint>, Failure> {
+async fn open(args: &ChecksumArgs) -> Result<Opened, Failure> {
     let word = args.endpoint.as_str();
     let extents = !args.no_extents;
     let opts_template = || {
@@ -137,8 +162,9 @@ async fn open(args: &ChecksumArgs) -> Result<Arc<dyn Endpoint>, Failure> {
     };
     if let Some(argv) = subprocess_argv(word) {
         let opts = opts_template();
-        return Ok(Arc::new(
-            SubprocessEndpoint::start(&argv, &opts, extents).await?,
+        return Ok((
+            Arc::new(SubprocessEndpoint::start(&argv, &opts, extents).await?),
+            None,
         ));
     }
     if word == "-" || word == "null:" {
@@ -149,13 +175,15 @@ async fn open(args: &ChecksumArgs) -> Result<Arc<dyn Endpoint>, Failure> {
     match Target::parse(word)? {
         Target::Nbd(uri) => {
             let opts = args.nbd.connect_options(&uri)?;
-            Ok(Arc::new(
-                NbdEndpoint::connect(&uri.to_string(), &opts, NBD_CONNECTIONS, extents).await?,
-            ))
+            let ep =
+                NbdEndpoint::connect(&uri.to_string(), &opts, NBD_CONNECTIONS, extents).await?;
+            Ok((Arc::new(ep), None))
         }
-        Target::File(path) => Ok(Arc::new(FileEndpoint::open_source(&path, false)?)),
-        Target::Http(url) => Ok(Arc::new(
-            imageio::open(&url, &args.http.options(NBD_CONNECTIONS, false)).await?,
-        )),
+        Target::File(path) => Ok((Arc::new(FileEndpoint::open_source(&path, false)?), None)),
+        Target::Http(url) => {
+            let ep =
+                Arc::new(imageio::open(&url, &args.http.options(NBD_CONNECTIONS, false)).await?);
+            Ok((ep.clone(), Some(ep)))
+        }
     }
 }

@@ -123,13 +123,24 @@ fn same_value_as_the_imageio_daemon() {
             assert_eq!(ours[key], theirs[key], "{key} for {query:?}");
         }
     }
-    // Through the daemon itself: ferry reads the ticket over HTTP and hashes locally.
+    // Through the daemon itself: by default the server computes it (its /checksum); with
+    // --read ferry reads the ticket over HTTP and hashes locally. Both equal the reference.
+    let expected = reference(&[], &std::fs::read(&path).unwrap());
+    for (extra, by) in [(None, "server"), (Some("--read"), "ferry")] {
+        let mut args = vec!["checksum", "--json"];
+        args.extend(extra);
+        let url = daemon.url("t");
+        args.push(&url);
+        let run = ferry(args).run();
+        run.expect_ok();
+        let doc: serde_json::Value = serde_json::from_str(&run.stdout_text()).unwrap();
+        assert_eq!(doc["checksum"], expected.as_str(), "{extra:?}");
+        assert_eq!(doc["computed_by"], by, "{extra:?}");
+    }
+    // The non-JSON form prints the digest alone.
     let run = ferry(["checksum", &daemon.url("t")]).run();
     run.expect_ok();
-    assert_eq!(
-        run.stdout_text().trim(),
-        reference(&[], &std::fs::read(&path).unwrap())
-    );
+    assert_eq!(run.stdout_text().trim(), expected);
 }
 
 #[test]
