@@ -41,6 +41,8 @@ struct Inner {
     direct: Option<File>,
     block_device: bool,
     disabled: AtomicU8,
+    /// Write-behind of a buffered destination file (see [`crate::write_behind`]).
+    write_behind: Option<crate::write_behind::WriteBehind>,
 }
 
 pub struct FileEndpoint {
@@ -114,7 +116,15 @@ impl FileEndpoint {
                 .map_err(|e| DiskError::from_io(&name, Op::Open, &e).at(0, size))?;
             truncated = true;
         }
-        Self::finish_open(name, file, path, direct, true, truncated)
+        let mut ep = Self::finish_open(name, file, path, direct, true, truncated)?;
+        // Only a fresh copy into a regular file: its pages are not wanted after the copy.
+        if truncated
+            && !ep.inner.block_device
+            && let Some(inner) = Arc::get_mut(&mut ep.inner)
+        {
+            inner.write_behind = crate::write_behind::WriteBehind::start(&inner.file).ok();
+        }
+        Ok(ep)
     }
 
     fn finish_open(
@@ -168,6 +178,7 @@ impl FileEndpoint {
                 direct,
                 block_device,
                 disabled: AtomicU8::new(0),
+                write_behind: None,
             }),
             caps,
             write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 1 }),
@@ -239,7 +250,13 @@ impl Inner {
                 buf[start..start + data.len()].copy_from_slice(data);
                 d.write_all_at(&buf[start..start + data.len()], offset)
             }
-            _ => self.file.write_all_at(data, offset),
+            _ => {
+                self.file.write_all_at(data, offset)?;
+                if let Some(wb) = &self.write_behind {
+                    wb.written(offset, data.len() as u64);
+                }
+                Ok(())
+            }
         }
     }
 

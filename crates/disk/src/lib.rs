@@ -11,6 +11,7 @@ pub mod null;
 pub mod pipe;
 pub mod sparse;
 pub mod subprocess;
+pub mod write_behind;
 
 pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, StreamReader, StreamWriter};
 pub use extents::Extent;
