@@ -605,10 +605,23 @@ impl<'a> Worker<'a> {
             let mut end = start;
             let mut count = 0;
             let mut ended = false;
-            for seg in &self.pending {
-                if seg.data.is_none() || seg.offset != end {
+            let last = self.pending.len() - 1;
+            for (i, seg) in self.pending.iter().enumerate() {
+                if seg.offset != end {
                     ended = true;
                     break;
+                }
+                if seg.data.is_none() {
+                    // A long zero run ends the request; a short one between data is sent as
+                    // zero bytes, cheaper than two more requests. One at the end may still
+                    // grow: wait for the next read unless flushing.
+                    if seg.len >= STREAM_MIN_GAP || (i == last && flush) {
+                        ended = true;
+                        break;
+                    }
+                    if i == last {
+                        break;
+                    }
                 }
                 end += seg.len;
                 count += 1;
@@ -619,13 +632,18 @@ impl<'a> Worker<'a> {
             let writer = self.writer.as_mut().expect("streaming writer");
             writer.begin(start, end - start);
             for seg in self.pending.drain(..count) {
-                let piece = writer.push(seg.data.expect("data segment"));
+                // Zero bytes come from shared memory: they hold no budget.
+                let (data, budget) = match seg.data {
+                    Some(data) => (data, seg.len),
+                    None => (disk::endpoint::zero_bytes(seg.len as usize), 0),
+                };
+                let piece = writer.push(data);
                 let (n, shared) = (seg.len, self.shared);
                 self.writes.push(Box::pin(async move {
                     piece.await?;
                     shared.written.fetch_add(n, Ordering::Relaxed);
                     shared.progress.add(n);
-                    Ok(n)
+                    Ok(budget)
                 }));
                 self.ops += 1;
             }
@@ -667,6 +685,10 @@ const STREAM_COMMIT: u64 = 8 << 20;
 /// Zero blocks inside streamed data are found at this granularity: smaller zero blocks stay
 /// in the data, since every gap ends a request.
 const STREAM_ZERO_BLOCK: u64 = 64 << 10;
+
+/// Zero runs inside streamed data shorter than this are sent as zero bytes: a shorter gap would
+/// cost two requests (a zero request and a new PUT) to save less than it costs to send.
+const STREAM_MIN_GAP: u64 = 256 << 10;
 
 /// A piece of a completed read waiting for the streaming writer; `data` is `None` for zeroes.
 struct Segment {
