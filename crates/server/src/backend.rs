@@ -116,6 +116,11 @@ impl Backend {
         }
     }
 
+    /// An NBD export (zeroing there is a WRITE_ZEROES request, cheap for the server).
+    pub fn is_nbd(&self) -> bool {
+        self.nbd.is_some()
+    }
+
     pub fn min_block(&self) -> u64 {
         self.ep.caps().min_block
     }

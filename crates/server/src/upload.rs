@@ -29,7 +29,7 @@ use crate::ticket::Access;
 /// backend request long enough to hit storage timeouts (iSCSI/LIO).
 const ZERO_STEP: u64 = 128 << 20;
 
-/// Body frames at least this large are written as received (backends without alignment
+/// Body frames at least this large are written as received (NBD backends without alignment
 /// needs); smaller ones are gathered into chunk buffers so requests do not get tiny.
 const ZERO_COPY_MIN: usize = 128 << 10;
 /// Backend writes in flight per upload at most, however small.
@@ -118,22 +118,31 @@ pub(crate) async fn put(
     let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
     // Bytes received but not yet written, whatever their requests' sizes.
     let mut in_flight: u64 = 0;
-    let zero_copy = backend.min_block() == 1;
+    // Only NBD takes any offset and length as well as aligned ones; a file opened with
+    // O_DIRECT would send unaligned frames through its page cache.
+    let zero_copy = backend.is_nbd() && backend.min_block() == 1;
     let depth = api.tuning.depth.max(1);
     let mut writes: FuturesUnordered<WriteFut> = FuturesUnordered::new();
     // The buffer being filled: its absolute offset, the buffer, and bytes in it.
     let mut pos = offset;
-    let mut buf: Option<(u64, bufpool::Buf, usize)> = None;
+    let mut buf: Option<ChunkBuf> = None;
     let mut received: u64 = 0;
     let mut failure: Option<HttpError> = None;
     let mut body_done = false;
 
-    // Zero blocks in the body are zeroed rather than written: clients that stream whole data
-    // runs (ferry, imageio's own client) send the zeroes inside them as bytes, and zeroing is
-    // far cheaper for the backend than writing (and keeps a sparse ticket sparse).
+    // Zero blocks in the body are zeroed rather than written where that is cheaper or wanted:
+    // clients that stream whole data runs (imageio's own client) send the zeroes inside them
+    // as bytes. An NBD export takes WRITE_ZEROES for far less than the data, and a sparse
+    // ticket stays sparse. A non-sparse file is written as sent: many small zeroed ranges
+    // would fragment its extents and cost more than sequential writes.
     let allocate = !ticket.spec.sparse;
+    let detect = if ticket.spec.sparse || backend.is_nbd() {
+        ZERO_DETECT_BLOCK
+    } else {
+        0
+    };
     let submit = |writes: &mut FuturesUnordered<WriteFut>, at: u64, data: Bytes| {
-        for piece in disk::sparse::split(&data, at, ZERO_DETECT_BLOCK) {
+        for piece in disk::sparse::split(&data, at, detect) {
             let backend = backend.clone();
             let piece_at = at + piece.start as u64;
             let n = piece.len as u64;
@@ -186,8 +195,9 @@ pub(crate) async fn put(
                     }
                     Ok(None) => {
                         body_done = true;
-                        if let Some((at, b, filled)) = buf.take() {
-                            submit(&mut writes, at, b.freeze().slice(..filled));
+                        if let Some(b) = buf.take() {
+                            let at = b.at;
+                            submit(&mut writes, at, b.freeze());
                         }
                         continue;
                     }
@@ -215,8 +225,9 @@ pub(crate) async fn put(
                 // Large frames go to a byte-addressable backend as they are: copying them into
                 // a chunk buffer would cost a pass over every byte uploaded.
                 if zero_copy && data.len() >= ZERO_COPY_MIN {
-                    if let Some((at, b, filled)) = buf.take() {
-                        submit(&mut writes, at, b.freeze().slice(..filled));
+                    if let Some(b) = buf.take() {
+                        let at = b.at;
+                        submit(&mut writes, at, b.freeze());
                     }
                     let n = data.len() as u64;
                     submit(&mut writes, pos, data);
@@ -225,18 +236,16 @@ pub(crate) async fn put(
                 }
                 let mut rest = &data[..];
                 while !rest.is_empty() {
-                    let (_, b, filled) = buf.get_or_insert_with(|| {
+                    let b = buf.get_or_insert_with(|| {
                         let next = (pos / chunk + 1) * chunk;
-                        let size = next.min(limit) - pos;
-                        (pos, bufpool::get(size as usize), 0)
+                        ChunkBuf::new(pos, (next.min(limit) - pos) as usize)
                     });
-                    let n = rest.len().min(b.len() - *filled);
-                    b[*filled..*filled + n].copy_from_slice(&rest[..n]);
-                    *filled += n;
+                    let n = b.fill(rest);
                     rest = &rest[n..];
                     pos += n as u64;
-                    if *filled == b.len() {
-                        let (at, b, _) = buf.take().expect("just filled");
+                    if b.is_full() {
+                        let b = buf.take().expect("just filled");
+                        let at = b.at;
                         submit(&mut writes, at, b.freeze());
                     }
                 }
@@ -269,6 +278,52 @@ pub(crate) async fn put(
     let mut resp = empty(StatusCode::OK);
     cors(&parts.headers, resp.headers_mut(), "*");
     Ok(resp)
+}
+
+/// Alignment of chunk buffers in memory: O_DIRECT file backends write them without another
+/// copy when buffer, offset and length are all aligned.
+const BUFFER_ALIGN: usize = 4096;
+
+/// One chunk of an upload being filled: `size` bytes for offset `at`, in a pooled buffer whose
+/// window starts at an aligned address.
+struct ChunkBuf {
+    at: u64,
+    buf: bufpool::Buf,
+    start: usize,
+    size: usize,
+    filled: usize,
+}
+
+impl ChunkBuf {
+    fn new(at: u64, size: usize) -> ChunkBuf {
+        let buf = bufpool::get(size + BUFFER_ALIGN);
+        let start = buf.as_ptr().align_offset(BUFFER_ALIGN).min(BUFFER_ALIGN);
+        ChunkBuf {
+            at,
+            buf,
+            start,
+            size,
+            filled: 0,
+        }
+    }
+
+    /// Copies what fits of `data`; returns how much.
+    fn fill(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.size - self.filled);
+        let from = self.start + self.filled;
+        self.buf[from..from + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        n
+    }
+
+    fn is_full(&self) -> bool {
+        self.filled == self.size
+    }
+
+    fn freeze(self) -> Bytes {
+        let (start, filled) = (self.start, self.filled);
+        self.buf.freeze().slice(start..start + filled)
+    }
 }
 
 /// A PATCH operation, validated.
