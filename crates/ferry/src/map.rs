@@ -244,21 +244,26 @@ async fn map_http(url: &str, args: &MapArgs, printer: &mut Printer<'_>) -> Resul
             }
         } else {
             for e in ep.extents(offset, len).await? {
-                let kind = match (e.zero, e.hole) {
-                    (false, _) => 0,
-                    (true, false) => u64::from(STATE_ZERO),
-                    (true, true) => u64::from(STATE_HOLE | STATE_ZERO),
-                };
-                printer.push(Row {
-                    offset: e.offset,
-                    length: e.length,
-                    kind,
-                })?;
+                printer.push(allocation_row(&e))?;
             }
         }
         offset += len;
     }
     Ok(())
+}
+
+/// An extent as a `base:allocation` row: data 0, zero 2, hole and zero 3.
+fn allocation_row(e: &disk::Extent) -> Row {
+    let kind = match (e.zero, e.hole) {
+        (false, _) => 0,
+        (true, false) => u64::from(STATE_ZERO),
+        (true, true) => u64::from(STATE_HOLE | STATE_ZERO),
+    };
+    Row {
+        offset: e.offset,
+        length: e.length,
+        kind,
+    }
 }
 
 fn map_file(path: &std::path::Path, printer: &mut Printer<'_>) -> Result<(), Failure> {
@@ -275,16 +280,7 @@ fn map_file(path: &std::path::Path, printer: &mut Printer<'_>) -> Result<(), Fai
             )
         })?;
         for e in extents {
-            let kind = if e.zero {
-                u64::from(STATE_HOLE | STATE_ZERO)
-            } else {
-                0
-            };
-            printer.push(Row {
-                offset: e.offset,
-                length: e.length,
-                kind,
-            })?;
+            printer.push(allocation_row(&e))?;
         }
         offset += len;
     }

@@ -9,7 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{TestServer, imageio_python};
+use common::TestServer;
+use testutil::imageio::imageio_python;
 
 const MIB: u64 = 1 << 20;
 

@@ -198,24 +198,6 @@ impl Raw {
     }
 }
 
-/// The venv python with ovirt-imageio 2.5.1, made by scripts/imageio-venv when missing.
-pub fn imageio_python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv-imageio/bin/python");
-    if python.exists() {
-        return python;
-    }
-    let out = Command::new(root.join("scripts/imageio-venv"))
-        .output()
-        .expect("running scripts/imageio-venv");
-    assert!(
-        out.status.success(),
-        "scripts/imageio-venv failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 /// A file of `size` bytes: pseudo-random data in the first `data` bytes, then a hole.
 pub fn data_file(path: &Path, size: u64, data: usize, seed: u64) -> Vec<u8> {
     let bytes = testutil::pseudo_random(seed, data);
