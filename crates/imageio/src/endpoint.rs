@@ -225,19 +225,11 @@ pub(crate) async fn status_error(
         message.truncate(cut);
         message.push('…');
     }
-    let mut err = if message.is_empty() {
+    if message.is_empty() {
         fail(format!("HTTP {status}"))
     } else {
         fail(format!("HTTP {status}: {message}"))
-    };
-    if status == StatusCode::FORBIDDEN {
-        err.errno = Some(libc_eperm());
     }
-    err
-}
-
-fn libc_eperm() -> i32 {
-    1
 }
 
 /// A hyper error with its cause chain, for messages.
@@ -349,7 +341,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         pool: Pool::new(transport.clone(), 1),
     });
     let fail = |cause: String| open_error(url, cause);
-    let options = probe_options(&shared, &fail).await?;
+    let (options, allow) = probe_options(&shared, &fail).await?;
     let mut info = ServerInfo {
         transport: format!("{transport:?}"),
         ..ServerInfo::default()
@@ -374,10 +366,11 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
                 .and_then(|v| v.as_str())
                 .map(str::to_string);
             size = doc.get("size").and_then(|v| v.as_u64());
-            info.writable = doc
-                .get("allow_put")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(true);
+            // A read-only ticket's OPTIONS allows only OPTIONS and GET; without the header,
+            // assume writing is allowed and let the server refuse.
+            info.writable = allow
+                .as_deref()
+                .is_none_or(|a| a.to_ascii_uppercase().contains("PUT"));
             info.ranges = true;
         }
         None if parsed.ticket().is_some() => {
@@ -413,9 +406,6 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         info.ranges = ranges;
         info.writable = false;
         return Ok(endpoint_for(info, size, shared));
-    }
-    if let Some(allow) = &options.as_ref().and_then(|d| d.get("__allow").cloned()) {
-        info.writable = allow.as_str().is_some_and(|a| a.contains("PUT"));
     }
     if opts.unix_socket
         && parsed.is_loopback()
@@ -456,12 +446,12 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
     Ok(endpoint)
 }
 
-/// OPTIONS: the imageio document (with the `allow` header under `__allow`), or `None` when
-/// the server does not answer like imageio.
+/// OPTIONS: the imageio document, or `None` when the server does not answer like imageio;
+/// and the `allow` header.
 async fn probe_options(
     shared: &Shared,
     fail: &impl Fn(String) -> DiskError,
-) -> Result<Option<serde_json::Value>, DiskError> {
+) -> Result<(Option<serde_json::Value>, Option<String>), DiskError> {
     let make = || {
         shared
             .request(Method::OPTIONS, &shared.target)
@@ -485,19 +475,12 @@ async fn probe_options(
         .map_err(|e| fail(hyper_reason(&e)))?
         .to_bytes();
     lease.release();
-    if status != StatusCode::OK {
-        return Ok(None);
-    }
-    let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return Ok(None);
-    };
-    if !doc.get("features").is_some_and(|f| f.is_array()) {
-        return Ok(None);
-    }
-    if let (Some(obj), Some(allow)) = (doc.as_object_mut(), allow) {
-        obj.insert("__allow".into(), serde_json::Value::String(allow));
-    }
-    Ok(Some(doc))
+    let doc = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .filter(|doc| {
+            status == StatusCode::OK && doc.get("features").is_some_and(|f| f.is_array())
+        });
+    Ok((doc, allow))
 }
 
 /// The size of a plain HTTP image, and whether the server honours Range.
