@@ -342,85 +342,83 @@ impl<'a> Worker<'a> {
     /// Copies [start, end): plans it from the source's extents and issues its requests.
     async fn copy_range(&mut self, start: u64, end: u64) -> Result<(), CopyError> {
         let opts = &self.shared.opts;
-        {
-            let len = end - start;
-            let extents = if opts.extents && self.src.caps().extents {
-                let src = self.src;
-                let ext = self.drive(src.extents(start, len)).await??;
-                check_coverage(self.src.name(), &ext, start, end)?;
-                ext
-            } else {
-                vec![Extent::data(start, len)]
-            };
-            if self.shared.dst_extents {
-                // Zero blocks found in reads still in flight are checked against the map of
-                // their own range: let them land before the map is replaced.
-                while !self.reads.is_empty() {
-                    if self.shared.stopped() {
-                        return Ok(());
-                    }
-                    self.complete_one().await?;
-                }
-                self.form_requests(true);
-                let dst = self.dst;
-                self.dst_map = self.drive(dst.extents(start, len)).await??;
-            }
-            let zero_align = self.dst.caps().min_block.max(1);
-            let src_depth = self.src.caps().queue_depth.max(1);
-            let dst_depth = self.dst.caps().queue_depth.max(1);
-            let steps = plan(&extents, start, end, opts.src_request.max(1), zero_align);
-            let mut read_runs: VecDeque<(u64, u64)> = if self.reader.is_some() {
-                data_runs(&steps).into()
-            } else {
-                VecDeque::new()
-            };
-            for step in steps {
+        let len = end - start;
+        let extents = if opts.extents && self.src.caps().extents {
+            let src = self.src;
+            let ext = self.drive(src.extents(start, len)).await??;
+            check_coverage(self.src.name(), &ext, start, end)?;
+            ext
+        } else {
+            vec![Extent::data(start, len)]
+        };
+        if self.shared.dst_extents {
+            // Zero blocks found in reads still in flight are checked against the map of
+            // their own range: let them land before the map is replaced.
+            while !self.reads.is_empty() {
                 if self.shared.stopped() {
                     return Ok(());
                 }
-                let need = match step {
-                    Step::Read { len, .. } => len,
-                    Step::Zero { .. } => 0,
-                };
-                while self.ops > 0
-                    && (self.ops >= opts.requests.max(1)
-                        || self.bytes + need > opts.queue_bytes
-                        || self.reads.len() >= src_depth
-                        || self.writes.len() >= dst_depth)
-                {
-                    if self.shared.stopped() {
-                        return Ok(());
-                    }
-                    self.complete_one().await?;
+                self.complete_one().await?;
+            }
+            self.form_requests(true);
+            let dst = self.dst;
+            self.dst_map = self.drive(dst.extents(start, len)).await??;
+        }
+        let zero_align = self.dst.caps().min_block.max(1);
+        let src_depth = self.src.caps().queue_depth.max(1);
+        let dst_depth = self.dst.caps().queue_depth.max(1);
+        let steps = plan(&extents, start, end, opts.src_request.max(1), zero_align);
+        let mut read_runs: VecDeque<(u64, u64)> = if self.reader.is_some() {
+            data_runs(&steps).into()
+        } else {
+            VecDeque::new()
+        };
+        for step in steps {
+            if self.shared.stopped() {
+                return Ok(());
+            }
+            let need = match step {
+                Step::Read { len, .. } => len,
+                Step::Zero { .. } => 0,
+            };
+            while self.ops > 0
+                && (self.ops >= opts.requests.max(1)
+                    || self.bytes + need > opts.queue_bytes
+                    || self.reads.len() >= src_depth
+                    || self.writes.len() >= dst_depth)
+            {
+                if self.shared.stopped() {
+                    return Ok(());
                 }
-                match step {
-                    Step::Read { offset, len } => {
-                        if offset >= self.shared.end.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        if let Some(reader) = self.reader.as_mut() {
-                            if read_runs.front().is_some_and(|r| r.0 == offset) {
-                                let (run_start, run_len) = read_runs.pop_front().expect("front");
-                                reader.begin(run_start, run_len);
-                            }
-                            let piece = reader.read(len);
-                            self.reads
-                                .push_back(Box::pin(async move { (offset, len, piece.await) }));
-                        } else {
-                            let src = self.src;
-                            self.reads.push_back(Box::pin(async move {
-                                (offset, len, src.read(offset, len).await)
-                            }));
-                        }
-                        self.ops += 1;
-                        self.bytes += len;
+                self.complete_one().await?;
+            }
+            match step {
+                Step::Read { offset, len } => {
+                    if offset >= self.shared.end.load(Ordering::Relaxed) {
+                        break;
                     }
-                    Step::Zero { offset, len } => {
-                        if let Some(observer) = &self.shared.observer {
-                            observer.zero(offset, len);
+                    if let Some(reader) = self.reader.as_mut() {
+                        if read_runs.front().is_some_and(|r| r.0 == offset) {
+                            let (run_start, run_len) = read_runs.pop_front().expect("front");
+                            reader.begin(run_start, run_len);
                         }
-                        self.zero(offset, len)
+                        let piece = reader.read(len);
+                        self.reads
+                            .push_back(Box::pin(async move { (offset, len, piece.await) }));
+                    } else {
+                        let src = self.src;
+                        self.reads.push_back(Box::pin(async move {
+                            (offset, len, src.read(offset, len).await)
+                        }));
                     }
+                    self.ops += 1;
+                    self.bytes += len;
+                }
+                Step::Zero { offset, len } => {
+                    if let Some(observer) = &self.shared.observer {
+                        observer.zero(offset, len);
+                    }
+                    self.zero(offset, len)
                 }
             }
         }
