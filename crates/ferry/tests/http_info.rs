@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use testutil::QemuNbd;
 use testutil::imageio::{ImageioServer, ServerOptions, ticket_json};
-
-const MIB: u64 = 1 << 20;
 
 #[test]
 fn info_and_map_of_a_daemon_ticket_agree_with_its_nbd_backend() {
@@ -70,46 +66,17 @@ fn info_and_map_of_a_daemon_ticket_agree_with_its_nbd_backend() {
     assert!(run.expect_code(1).contains("403"), "{}", run.stderr);
 }
 
-fn qemu(tool: &str, args: &[&str]) {
-    let out = Command::new(tool).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn incremental_download_from_the_daemon_dirty_extents() {
     let daemon = ImageioServer::daemon(&ServerOptions::default());
     let dir = testutil::temp_dir();
-    let image = dir.path().join("disk.qcow2");
-    let image_s = image.to_str().unwrap();
-    let backup = dir.path().join("backup.raw");
+    let (image, backup) = checkpointed_qcow2(
+        dir.path(),
+        "16M",
+        &["write -P 0xaa 0 8M"],
+        &["write -P 0xbb 3M 128k", "write -z 5M 1M"],
+    );
     let backup_s = backup.to_str().unwrap();
-    qemu("qemu-img", &["create", "-f", "qcow2", image_s, "16M"]);
-    qemu(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0xaa 0 8M", image_s],
-    );
-    ferry([
-        "copy", "[", "qemu-nbd", "-f", "qcow2", image_s, "]", backup_s,
-    ])
-    .run()
-    .expect_ok();
-    qemu("qemu-img", &["bitmap", "--add", image_s, "b0"]);
-    qemu(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0xbb 3M 128k",
-            "-c",
-            "write -z 5M 1M",
-            image_s,
-        ],
-    );
     let nbd = QemuNbd::new(&image)
         .format("qcow2")
         .read_only()

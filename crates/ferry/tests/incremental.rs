@@ -3,57 +3,24 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-const MIB: u64 = 1 << 20;
-
-fn qemu_io(image: &std::path::Path, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(image).output().expect("running qemu-io");
-    assert!(
-        out.status.success(),
-        "qemu-io {commands:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use testutil::tools::qemu_img;
 
 #[test]
 fn bitmap_copies_only_dirty_ranges_into_the_previous_copy() {
     let dir = testutil::temp_dir();
-    let image = dir.path().join("disk.qcow2");
-    let image_s = image.to_str().unwrap();
-    let dst = dir.path().join("backup.raw");
-    let dst_s = dst.to_str().unwrap();
-    qemu_img(&["create", "-f", "qcow2", image_s, "64M"]);
-    qemu_io(&image, &["write -P 0xaa 0 32M"]);
-    // The full copy, then a checkpoint.
-    ferry(["copy", "[", "qemu-nbd", "-f", "qcow2", image_s, "]", dst_s])
-        .run()
-        .expect_ok();
-    qemu_img(&["bitmap", "--add", image_s, "b0"]);
-    qemu_io(
-        &image,
+    // The full copy, then a checkpoint and changes.
+    let (image, dst) = checkpointed_qcow2(
+        dir.path(),
+        "64M",
+        &["write -P 0xaa 0 32M"],
         &[
             "write -P 0xbb 1M 64k",
             "write -z 4M 1M",
             "write -P 0xcc 40M 128k",
         ],
     );
+    let (image_s, dst_s) = (image.to_str().unwrap(), dst.to_str().unwrap());
     // A clean range changed on the destination only: an incremental copy must leave it alone,
     // which shows it copied the dirty ranges and nothing else.
     let marker = vec![0xeeu8; 4096];
@@ -133,17 +100,13 @@ fn incremental_needs_a_bitmap() {
 #[test]
 fn incremental_download_from_ferry_serve_dirty_extents() {
     let dir = testutil::temp_dir();
-    let image = dir.path().join("disk.qcow2");
-    let image_s = image.to_str().unwrap();
-    let dst = dir.path().join("backup.raw");
+    let (image, dst) = checkpointed_qcow2(
+        dir.path(),
+        "16M",
+        &["write -P 0xaa 0 8M"],
+        &["write -P 0xbb 2M 64k", "write -z 6M 1M"],
+    );
     let dst_s = dst.to_str().unwrap();
-    qemu_img(&["create", "-f", "qcow2", image_s, "16M"]);
-    qemu_io(&image, &["write -P 0xaa 0 8M"]);
-    ferry(["copy", "[", "qemu-nbd", "-f", "qcow2", image_s, "]", dst_s])
-        .run()
-        .expect_ok();
-    qemu_img(&["bitmap", "--add", image_s, "b0"]);
-    qemu_io(&image, &["write -P 0xbb 2M 64k", "write -z 6M 1M"]);
     let nbd = testutil::QemuNbd::new(&image)
         .format("qcow2")
         .read_only()
@@ -200,4 +163,39 @@ fn incremental_download_from_ferry_serve_dirty_extents() {
     assert!(got[6 << 20..7 << 20].iter().all(|b| *b == 0));
     assert!(got[0..2 << 20].iter().all(|b| *b == 0xaa));
     assert!(got[7 << 20..8 << 20].iter().all(|b| *b == 0xaa));
+}
+
+#[test]
+fn incremental_usage_errors_exit_2() {
+    let dir = testutil::temp_dir();
+    let (src, _layout) = make_sample(dir.path(), "src.raw");
+    let src_s = src.to_str().unwrap();
+    let dst = dir.path().join("dst.raw");
+    std::fs::write(&dst, b"previous copy").unwrap();
+    let dst_s = dst.to_str().unwrap();
+    for (args, says) in [
+        // A local file has no dirty extents.
+        (vec!["--incremental", src_s, dst_s], "dirty extents"),
+        // --bitmap names an NBD bitmap; imageio URLs take --incremental.
+        (
+            vec!["--bitmap", "b0", "http://127.0.0.1:9/images/x", dst_s],
+            "--incremental",
+        ),
+        // The block hash covers the whole source; an incremental copy reads only changes.
+        (
+            vec!["--blkhash", "--bitmap", "b0", "nbd://127.0.0.1:9", dst_s],
+            "--blkhash",
+        ),
+    ] {
+        let mut all = vec!["copy"];
+        all.extend(args.iter().copied());
+        let run = ferry(all).run();
+        assert!(
+            run.expect_code(2).contains(says),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    // Refused before anything was opened: the destination is untouched.
+    assert_eq!(std::fs::read(&dst).unwrap(), b"previous copy");
 }

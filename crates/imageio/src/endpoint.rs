@@ -381,6 +381,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         }
         None => {}
     }
+    // The probe's pool (and its connection) is kept, grown to what the server allows.
     let endpoint_for = |info: ServerInfo, size: u64, shared: Arc<Shared>| {
         let limit = if opts.write {
             info.max_writers
@@ -393,12 +394,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         } else {
             opts.connections.max(1)
         };
-        let shared = Arc::new(Shared {
-            name: shared.name.clone(),
-            host: shared.host.clone(),
-            target: shared.target.clone(),
-            pool: Pool::new(shared.pool.transport(), connections),
-        });
+        shared.pool.grow_to(connections);
         HttpEndpoint::new(shared, info, size, opts.dirty)
     };
     if !info.imageio {
@@ -602,7 +598,6 @@ fn parse_items(body: &[u8]) -> Result<Vec<(Extent, bool)>, String> {
 
 impl HttpEndpoint {
     fn new(shared: Arc<Shared>, info: ServerInfo, size: u64, dirty: bool) -> HttpEndpoint {
-        let streams = info.ranges;
         let mut caps = Caps::random_access(size);
         caps.read_only = !info.writable;
         caps.extents = info.imageio && info.has("extents");
@@ -615,7 +610,7 @@ impl HttpEndpoint {
         caps.preferred_block = 4096;
         caps.queue_depth = 64;
         caps.stream_writes = info.imageio && info.writable;
-        caps.stream_reads = streams;
+        caps.stream_reads = info.ranges;
         caps.dirty = info.imageio && dirty;
         HttpEndpoint {
             shared,
@@ -923,7 +918,8 @@ impl Endpoint for HttpEndpoint {
     }
 
     fn stream_reader(&self) -> Option<Box<dyn StreamReader>> {
-        (self.caps.stream_reads && self.info.ranges)
+        self.caps
+            .stream_reads
             .then(|| Box::new(RunReader::new(self.shared.clone())) as _)
     }
 

@@ -102,7 +102,7 @@ pub struct Pool {
     transport: Mutex<Transport>,
     idle: Mutex<Vec<SendRequest<ReqBody>>>,
     slots: Arc<Semaphore>,
-    size: usize,
+    size: std::sync::atomic::AtomicUsize,
 }
 
 /// A connection lent by the pool. Give it back with [`Lease::release`] once its response is
@@ -120,12 +120,23 @@ impl Pool {
             transport: Mutex::new(transport),
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size)),
-            size,
+            size: size.into(),
         })
     }
 
     pub fn size(&self) -> usize {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Allows up to `size` connections from now on (never fewer than before): the pool opened
+    /// for probing the server grows to what the server allows.
+    pub fn grow_to(&self, size: usize) {
+        let before = self
+            .size
+            .fetch_max(size, std::sync::atomic::Ordering::Relaxed);
+        if size > before {
+            self.slots.add_permits(size - before);
+        }
     }
 
     pub fn transport(&self) -> Transport {

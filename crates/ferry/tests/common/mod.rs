@@ -504,3 +504,34 @@ pub fn logged(log: &str, op: &str) -> Vec<Logged> {
 pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
+
+/// An incremental-copy scene in `dir`: `disk.qcow2` of `size` (qemu-img syntax) written with
+/// the qemu-io `base` commands, copied in full by ferry to `backup.raw`, then checkpointed
+/// with the dirty bitmap `b0` and changed with the qemu-io `changes`. Returns (image, backup).
+pub fn checkpointed_qcow2(
+    dir: &Path,
+    size: &str,
+    base: &[&str],
+    changes: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let image = dir.join("disk.qcow2");
+    let backup = dir.join("backup.raw");
+    let image_s = image.to_str().unwrap();
+    testutil::tools::qemu_img(&["create", "-f", "qcow2", image_s, size]);
+    testutil::tools::qemu_io(&image, "qcow2", base);
+    ferry([
+        "copy",
+        "[",
+        "qemu-nbd",
+        "-f",
+        "qcow2",
+        image_s,
+        "]",
+        backup.to_str().unwrap(),
+    ])
+    .run()
+    .expect_ok();
+    testutil::tools::qemu_img(&["bitmap", "--add", image_s, "b0"]);
+    testutil::tools::qemu_io(&image, "qcow2", changes);
+    (image, backup)
+}
