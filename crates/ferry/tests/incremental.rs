@@ -4,6 +4,9 @@
 mod common;
 
 use common::*;
+use std::path::Path;
+
+use testutil::imageio::{ImageioServer, ServerOptions, ticket_json};
 use testutil::tools::qemu_img;
 
 #[test]
@@ -113,38 +116,18 @@ fn incremental_download_from_ferry_serve_dirty_extents() {
         .arg("-B")
         .arg("b0")
         .start();
-    let ticket = dir.path().join("ticket.json");
-    let doc = serde_json::json!({
-        "uuid": "inc", "size": 16 << 20, "ops": ["read"], "timeout": 300, "dirty": true,
-        "url": format!("nbd:unix:{}", nbd.socket().unwrap().display()),
-    });
-    std::fs::write(&ticket, doc.to_string()).unwrap();
-    let ready = dir.path().join("ready.json");
-    let mut serve = std::process::Command::new(ferry_bin())
-        .args(["serve", "--no-tls", "--listen", "127.0.0.1:0", "--ticket"])
-        .arg(&ticket)
-        .arg("--control-socket")
-        .arg(dir.path().join("control.sock"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let up = wait_until(std::time::Duration::from_secs(20), || {
-        std::fs::read_to_string(&ready).is_ok_and(|t| t.contains("remote"))
-    });
-    let ready: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap_or_default())
-            .unwrap_or_default();
-    let url = format!(
-        "http://{}/images/inc",
-        ready["remote"].as_str().unwrap_or("")
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let mut ticket = ticket_json(
+        "inc",
+        &format!("nbd:unix:{}", nbd.socket().unwrap().display()),
+        16 * MIB,
+        &["read"],
     );
+    ticket["dirty"] = serde_json::Value::Bool(true);
+    serve.add_ticket(&ticket);
+    let url = serve.url("inc");
     let map = ferry(["map", "--json", "--context", "dirty", &url]).run();
     let copy = ferry(["copy", "-v", "--incremental", &url, dst_s]).run();
-    let _ = serve.kill();
-    let _ = serve.wait();
-    assert!(up, "ferry serve did not start");
     let dirty: Vec<serde_json::Value> = serde_json::from_str(&map.stdout_text()).unwrap();
     let dirty: Vec<(u64, u64)> = dirty
         .iter()
