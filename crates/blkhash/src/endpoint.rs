@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use disk::{DiskError, Endpoint, Extent, Op};
+use disk::{DiskError, Endpoint, ErrorKind, Extent, Op};
 
 use crate::{Digest, Error, Hasher, Spec};
 
@@ -44,6 +44,15 @@ pub enum EndpointError {
     Hash(#[from] Error),
 }
 
+impl EndpointError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EndpointError::Disk(e) => e.kind(),
+            EndpointError::Hash(e) => e.kind(),
+        }
+    }
+}
+
 /// Extents are asked for this much at a time: small enough for any NBD server's 32-bit
 /// lengths, large enough that a terabyte of holes is a thousand cheap calls.
 const EXTENTS_WINDOW: u64 = 1 << 30;
@@ -68,6 +77,7 @@ pub async fn checksum(
         DiskError::new(
             ep.name(),
             Op::Read,
+            ErrorKind::Unsupported,
             "a stream has no size; a checksum needs random access",
         )
     })?;
@@ -124,6 +134,7 @@ async fn run(ep: Arc<dyn Endpoint>, hasher: Arc<Hasher>, work: Work) -> Result<(
                 return Err(DiskError::new(
                     ep.name(),
                     Op::Read,
+                    ErrorKind::Protocol,
                     format!("short read: {} of {len} bytes", data.len()),
                 )
                 .at(off, len)

@@ -81,3 +81,14 @@ pub enum Error {
     #[error("the checksum was already finished")]
     Finished,
 }
+
+impl Error {
+    /// What kind of failure this is: a bad spec is the caller's request; the rest are bugs of
+    /// whoever fed the hasher.
+    pub fn kind(&self) -> errkind::ErrorKind {
+        match self {
+            Error::UnknownAlgorithm(_) | Error::BadSpec(_) => errkind::ErrorKind::InvalidRequest,
+            _ => errkind::ErrorKind::Other,
+        }
+    }
+}

@@ -8,9 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use disk::{DiskError, Endpoint, Extent, StreamReader, StreamWriter};
+use disk::sink::next_done;
+use disk::{
+    Budget, DiskError, Endpoint, ErrorKind, Extent, Permit, Segment, Sink, SinkOptions,
+    StreamReader,
+};
 use futures_util::StreamExt;
-use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+use futures_util::stream::FuturesOrdered;
 
 use crate::plan::{Step, needs_zeroing, plan};
 use crate::sparse;
@@ -85,11 +89,7 @@ pub async fn copy(
     let (src, dst, observer) = (job.src, job.dst, job.observer);
     let dst_caps = dst.caps().clone();
     if opts.incremental && !src.caps().dirty {
-        return Err(CopyError::Broken(format!(
-            "{}: an incremental copy needs the source's dirty extents (an NBD dirty bitmap, \
-             or an imageio ticket with dirty extents)",
-            src.name()
-        )));
+        return Err(CopyError::NoDirtyExtents(src.name().to_string()));
     }
     if dst_caps.read_only {
         return Err(CopyError::ReadOnly(dst.name().to_string()));
@@ -172,7 +172,7 @@ pub async fn copy(
     }
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
-            shared.fail(CopyError::Broken(format!("a copy worker failed: {e}")));
+            shared.fail(CopyError::Worker(e.to_string()));
         }
     }
     if let Some(err) = shared
@@ -206,89 +206,87 @@ pub async fn copy(
     })
 }
 
-type ReadFut<'a> = Pin<Box<dyn Future<Output = (u64, u64, Result<Bytes, DiskError>)> + Send + 'a>>;
-/// A destination operation; resolves to the budget bytes it releases.
-type WriteFut<'a> = Pin<Box<dyn Future<Output = Result<u64, DiskError>> + Send + 'a>>;
+/// A step of a work range in the pipeline's FIFO: a read, or a zero range that passes through
+/// in its turn so the sink sees every segment in offset order.
+struct Landed {
+    offset: u64,
+    len: u64,
+    permit: Permit,
+    /// `Ok(None)` for a zero step.
+    got: Result<Option<Bytes>, DiskError>,
+}
 
-/// One pipeline: reads in FIFO order, writes and zeroes unordered, within the worker's budget.
+type StepFut<'a> = Pin<Box<dyn Future<Output = Landed> + Send + 'a>>;
+
+/// A run of zeroes not yet handed to the sink: neighbouring zero blocks (also across reads)
+/// become one segment.
+struct ZeroRun {
+    offset: u64,
+    len: u64,
+    permit: Permit,
+}
+
+/// One pipeline: steps in FIFO order, their segments to the sink, within the pipeline's budget.
 struct Worker<'a> {
     shared: &'a Shared,
     src: &'a dyn Endpoint,
     dst: &'a dyn Endpoint,
-    reads: FuturesOrdered<ReadFut<'a>>,
-    writes: FuturesUnordered<WriteFut<'a>>,
-    ops: usize,
-    bytes: u64,
+    budget: Budget,
+    steps: FuturesOrdered<StepFut<'a>>,
+    sink: Box<dyn Sink + 'a>,
+    zero_run: Option<ZeroRun>,
     /// Destination extents of the current work range, when asked for.
     dst_map: Vec<Extent>,
-    /// Streams runs of data to the destination as one request each (HTTP PUT).
-    writer: Option<Box<dyn StreamWriter>>,
-    /// Completed reads (cut into data and zero segments) waiting for the writer: held until
-    /// a run of data long enough for one request has gathered, or a zero gap or a break in
-    /// contiguity ends the run. Zero blocks are thus never sent inside a request, whose
-    /// length must be announced when it starts.
-    pending: VecDeque<Segment>,
-    /// A run this long is sent without waiting for its end.
-    commit: u64,
     /// Reads each data run of the source as one request (HTTP ranged GET).
     reader: Option<Box<dyn StreamReader>>,
 }
 
 impl<'a> Worker<'a> {
     fn new(shared: &'a Arc<Shared>) -> Self {
+        let opts = &shared.opts;
+        let budget = Budget::new(opts.queue_bytes.max(opts.src_request), opts.requests);
+        let window = budget
+            .bytes_limit()
+            .min(opts.requests.max(1) as u64 * opts.src_request.max(1));
+        let sink = shared.dst.sink(&SinkOptions {
+            request: opts.dst_request.max(1),
+            allocate: opts.allocated,
+            window,
+        });
         Worker {
             shared,
             src: &*shared.src,
             dst: &*shared.dst,
-            reads: FuturesOrdered::new(),
-            writes: FuturesUnordered::new(),
-            ops: 0,
-            bytes: 0,
+            budget,
+            steps: FuturesOrdered::new(),
+            sink,
+            zero_run: None,
             dst_map: Vec::new(),
-            // Streams of unknown length (pipes) cannot announce a run's length up front.
-            writer: shared
-                .src
-                .caps()
-                .size
-                .and_then(|_| shared.dst.stream_writer()),
-            pending: VecDeque::new(),
-            commit: {
-                let opts = &shared.opts;
-                let budget = opts
-                    .queue_bytes
-                    .min(opts.requests.max(1) as u64 * opts.src_request.max(1));
-                // Half the budget at most, so the next run's reads can gather meanwhile.
-                STREAM_COMMIT.min(budget / 2).max(opts.src_request.max(1))
-            },
             reader: shared.src.stream_reader(),
         }
+    }
+
+    /// Work queued, held back or in flight.
+    fn busy(&self) -> bool {
+        !self.steps.is_empty() || !self.sink.is_empty() || self.zero_run.is_some()
     }
 
     async fn run(mut self) {
         if let Err(e) = self.copy_ranges().await {
             self.shared.fail(e);
         }
-        if self.shared.stopped() {
-            // An unfinished streamed run is abandoned: its request fails instead of waiting
-            // for data that will not come.
-            self.writer = None;
-            self.reader = None;
-            for seg in self.pending.drain(..) {
-                if seg.data.is_some() {
-                    self.bytes -= seg.len;
-                }
-            }
-        }
         // Drain: writes and zeroes in flight finish (or fail) before the worker ends, so the
-        // destination is left in a known state. Reads still in flight after a stop would only
+        // destination is left in a known state. After a stop, steps still in flight would only
         // feed writes nobody wants: they are dropped (their replies discarded), so stopping is
-        // prompt.
+        // prompt, and the sink drops what it held back.
         loop {
-            if self.shared.stopped() && !self.reads.is_empty() {
-                self.ops -= self.reads.len();
-                self.reads = FuturesOrdered::new();
+            if self.shared.stopped() {
+                self.steps = FuturesOrdered::new();
+                self.zero_run = None;
+                self.reader = None;
+                self.sink.cancel();
             }
-            if self.ops == 0 {
+            if !self.busy() {
                 break;
             }
             if let Err(e) = self.complete_one().await {
@@ -352,17 +350,28 @@ impl<'a> Worker<'a> {
             vec![Extent::data(start, len)]
         };
         if self.shared.dst_extents {
-            // Zero blocks found in reads still in flight are checked against the map of
+            // Zero blocks found in steps still in flight are checked against the map of
             // their own range: let them land before the map is replaced.
-            while !self.reads.is_empty() {
+            while !self.steps.is_empty() {
                 if self.shared.stopped() {
                     return Ok(());
                 }
                 self.complete_one().await?;
             }
-            self.form_requests(true);
+            self.flush_zero();
+            // A stream's work range may reach past the destination's end; data there is
+            // refused when it arrives, so only the destination's own range is asked about.
+            let dst_len = self
+                .dst
+                .caps()
+                .size
+                .map_or(len, |size| size.saturating_sub(start).min(len));
             let dst = self.dst;
-            self.dst_map = self.drive(dst.extents(start, len)).await??;
+            self.dst_map = if dst_len == 0 {
+                Vec::new()
+            } else {
+                self.drive(dst.extents(start, dst_len)).await??
+            };
         }
         let zero_align = self.dst.caps().min_block.max(1);
         let src_depth = self.src.caps().queue_depth.max(1);
@@ -374,51 +383,57 @@ impl<'a> Worker<'a> {
             VecDeque::new()
         };
         for step in steps {
-            if self.shared.stopped() {
-                return Ok(());
-            }
             let need = match step {
                 Step::Read { len, .. } => len,
                 Step::Zero { .. } => 0,
             };
-            while self.ops > 0
-                && (self.ops >= opts.requests.max(1)
-                    || self.bytes + need > opts.queue_bytes
-                    || self.reads.len() >= src_depth
-                    || self.writes.len() >= dst_depth)
-            {
+            let permit = loop {
                 if self.shared.stopped() {
                     return Ok(());
                 }
+                if self.steps.len() < src_depth
+                    && self.sink.in_flight() < dst_depth
+                    && let Some(permit) = self.budget.try_take(need)
+                {
+                    break permit;
+                }
                 self.complete_one().await?;
-            }
+            };
             match step {
                 Step::Read { offset, len } => {
                     if offset >= self.shared.end.load(Ordering::Relaxed) {
                         break;
                     }
-                    if let Some(reader) = self.reader.as_mut() {
-                        if read_runs.front().is_some_and(|r| r.0 == offset) {
-                            let (run_start, run_len) = read_runs.pop_front().expect("front");
-                            reader.begin(run_start, run_len);
+                    let read = match self.reader.as_mut() {
+                        Some(reader) => {
+                            if read_runs.front().is_some_and(|r| r.0 == offset) {
+                                let (run_start, run_len) = read_runs.pop_front().expect("front");
+                                reader.begin(run_start, run_len);
+                            }
+                            reader.read(len)
                         }
-                        let piece = reader.read(len);
-                        self.reads
-                            .push_back(Box::pin(async move { (offset, len, piece.await) }));
-                    } else {
-                        let src = self.src;
-                        self.reads.push_back(Box::pin(async move {
-                            (offset, len, src.read(offset, len).await)
-                        }));
-                    }
-                    self.ops += 1;
-                    self.bytes += len;
+                        None => self.src.read(offset, len),
+                    };
+                    self.steps.push_back(Box::pin(async move {
+                        let got = read.await.map(Some);
+                        Landed {
+                            offset,
+                            len,
+                            permit,
+                            got,
+                        }
+                    }));
                 }
                 Step::Zero { offset, len } => {
                     if let Some(observer) = &self.shared.observer {
                         observer.zero(offset, len);
                     }
-                    self.zero(offset, len)
+                    self.steps.push_back(Box::pin(std::future::ready(Landed {
+                        offset,
+                        len,
+                        permit,
+                        got: Ok(None),
+                    })));
                 }
             }
         }
@@ -435,12 +450,12 @@ impl<'a> Worker<'a> {
         tokio::pin!(fut);
         if self.shared.opts.requests <= 1 {
             // One request at a time (--synchronous): finish what is queued first.
-            while self.ops > 0 && !self.shared.stopped() {
+            while self.busy() && !self.shared.stopped() {
                 self.complete_one().await?;
             }
         }
         loop {
-            if self.ops == 0 {
+            if !self.busy() {
                 return Ok(fut.await);
             }
             tokio::select! {
@@ -451,49 +466,67 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Waits for the next completion: the oldest read (FIFO) or any write.
+    /// Waits for the next completion: the oldest step (FIFO) or any destination request.
     async fn complete_one(&mut self) -> Result<(), CopyError> {
+        if self.steps.is_empty() {
+            // Nothing more will arrive until something completes: what is held back goes now.
+            if self.shared.stopped() {
+                self.zero_run = None;
+                self.sink.cancel();
+            } else {
+                self.flush_zero();
+                self.sink.idle();
+            }
+        }
         // Registered before the check, so a stop between the check and the wait still wakes us.
         let woken = self.shared.cancel.woken();
         tokio::pin!(woken);
         woken.as_mut().enable();
         let stopping = self.shared.stopped();
+        let sink_busy = !self.sink.is_empty();
         tokio::select! {
             // A stop wakes the worker (unless already stopping, when it drains writes).
             _ = &mut woken, if !stopping => Ok(()),
-            Some((offset, len, result)) = self.reads.next(), if !self.reads.is_empty() => {
-                self.ops -= 1;
-                match result {
-                    Ok(data) => self.dispatch(offset, len, data),
-                    Err(e) => {
-                        self.bytes -= len;
-                        Err(e.into())
-                    }
-                }
-            }
-            Some(result) = self.writes.next(), if !self.writes.is_empty() => {
-                self.ops -= 1;
-                let released = result?;
-                self.bytes -= released;
+            Some(landed) = self.steps.next(), if !self.steps.is_empty() => self.land(landed),
+            Some(done) = next_done(&mut *self.sink), if sink_busy => {
+                let done = done?;
+                let shared = self.shared;
+                shared.written.fetch_add(done.written, Ordering::Relaxed);
+                shared.zeroed.fetch_add(done.zeroed, Ordering::Relaxed);
+                shared.progress.add(done.written + done.zeroed);
                 Ok(())
             }
+            else => Ok(()),
         }
     }
 
-    /// Turns a completed read into writes and zeroes.
-    fn dispatch(&mut self, offset: u64, len: u64, data: Bytes) -> Result<(), CopyError> {
+    /// Turns a landed step into segments for the sink.
+    fn land(&mut self, landed: Landed) -> Result<(), CopyError> {
+        let Landed {
+            offset,
+            len,
+            mut permit,
+            got,
+        } = landed;
+        let data = match got {
+            Err(e) => return Err(e.into()),
+            Ok(None) => {
+                self.zero(offset, len, permit);
+                return Ok(());
+            }
+            Ok(Some(data)) => data,
+        };
         if self.shared.stopped() {
-            self.bytes -= len;
             return Ok(());
         }
         let got = data.len() as u64;
         self.shared.read.fetch_add(got, Ordering::Relaxed);
         if got < len {
             if self.src.caps().size.is_some() {
-                self.bytes -= len;
                 return Err(DiskError::new(
                     self.src.name(),
                     disk::Op::Read,
+                    ErrorKind::Protocol,
                     format!("short read: {got} of {len} bytes"),
                 )
                 .at(offset, len)
@@ -502,197 +535,91 @@ impl<'a> Worker<'a> {
             // A stream ended here.
             self.shared.end.fetch_min(offset + got, Ordering::Relaxed);
         }
+        if let Some(dst_size) = self.dst.caps().size
+            && offset + got > dst_size
+        {
+            // Only a stream gets here: sizes known up front were compared before the copy.
+            return Err(CopyError::DestinationTooSmall {
+                src: offset + got,
+                dst: dst_size,
+            });
+        }
         // Budget bytes of the read beyond what arrived are released now.
-        self.bytes -= len - got;
+        permit.release_bytes(len - got);
         if let Some(observer) = &self.shared.observer {
             observer.data(offset, &data);
         }
-        if self.writer.is_some() {
-            self.gather(offset, data);
-            return Ok(());
-        }
         let opts = &self.shared.opts;
-        let pieces = if opts.sparse > 0 && !opts.allocated {
-            sparse::split(&data, offset, opts.sparse as usize)
-        } else {
-            vec![sparse::Piece {
-                start: 0,
-                len: data.len(),
-                zero: false,
-            }]
-        };
-        for piece in pieces {
+        let block = if opts.allocated { 0 } else { opts.sparse };
+        let pieces = sparse::split(&data, offset, block as usize);
+        let last = pieces.len().saturating_sub(1);
+        for (i, piece) in pieces.into_iter().enumerate() {
             let at = offset + piece.start as u64;
+            let n = piece.len as u64;
+            // The last piece keeps the rest of the permit, its request slot included.
+            let mut share = if i == last {
+                std::mem::take(&mut permit)
+            } else {
+                permit.split_bytes(n)
+            };
             if piece.zero {
-                self.bytes -= piece.len as u64;
-                self.zero(at, piece.len as u64);
-                continue;
-            }
-            let chunk = data.slice(piece.start..piece.start + piece.len);
-            let step = opts.dst_request.max(1) as usize;
-            let mut pos = 0;
-            while pos < chunk.len() {
-                let n = step.min(chunk.len() - pos);
-                let slice = chunk.slice(pos..pos + n);
-                let (dst, shared) = (self.dst, self.shared);
-                let w_at = at + pos as u64;
-                self.writes.push(Box::pin(async move {
-                    dst.write(w_at, slice).await?;
-                    shared.written.fetch_add(n as u64, Ordering::Relaxed);
-                    shared.progress.add(n as u64);
-                    Ok(n as u64)
-                }));
-                self.ops += 1;
-                pos += n;
+                // Zeroes need no memory: their bytes are released now.
+                share.release_bytes(n);
+                self.zero(at, n, share);
+            } else {
+                self.flush_zero();
+                let chunk = data.slice(piece.start..piece.start + piece.len);
+                self.sink.push(Segment::data(at, chunk, share));
             }
         }
         Ok(())
     }
 
-    /// Adds a completed read to the streaming writer's pending segments, then sends what is
-    /// ready. Everything is sent once no read is left that could extend a run.
-    fn gather(&mut self, offset: u64, data: Bytes) {
-        let opts = &self.shared.opts;
-        let block = if opts.sparse > 0 && !opts.allocated {
-            opts.sparse.max(STREAM_ZERO_BLOCK) as usize
-        } else {
-            0
-        };
-        for piece in sparse::split(&data, offset, block) {
-            let at = offset + piece.start as u64;
-            let len = piece.len as u64;
-            if piece.zero {
-                // Zeroes need no memory: their budget is released now, and neighbouring zero
-                // blocks (also across reads) become one zero request.
-                self.bytes -= len;
-                if let Some(last) = self.pending.back_mut()
-                    && last.data.is_none()
-                    && last.offset + last.len == at
-                {
-                    last.len += len;
-                    continue;
-                }
-            }
-            self.pending.push_back(Segment {
-                offset: at,
-                len,
-                data: (!piece.zero).then(|| data.slice(piece.start..piece.start + piece.len)),
-            });
-        }
-        let flush = self.reads.is_empty();
-        self.form_requests(flush);
-    }
-
-    /// Sends pending segments: zeroes as zero requests, and each run of contiguous data as
-    /// one streamed request once it has ended (a zero gap, a break) or reached the commit
-    /// size; with `flush`, every run now.
-    fn form_requests(&mut self, flush: bool) {
-        loop {
-            while self.pending.front().is_some_and(|seg| seg.data.is_none()) {
-                // A zero run at the end may still grow with the next read.
-                if self.pending.len() == 1 && !flush {
-                    return;
-                }
-                let seg = self.pending.pop_front().expect("front");
-                self.zero(seg.offset, seg.len);
-            }
-            let Some(first) = self.pending.front() else {
-                return;
-            };
-            let start = first.offset;
-            let mut end = start;
-            let mut count = 0;
-            let mut ended = false;
-            let last = self.pending.len() - 1;
-            for (i, seg) in self.pending.iter().enumerate() {
-                if seg.offset != end {
-                    ended = true;
-                    break;
-                }
-                if seg.data.is_none() {
-                    // A long zero run ends the request; a short one between data is sent as
-                    // zero bytes, cheaper than two more requests. One at the end may still
-                    // grow: wait for the next read unless flushing.
-                    if seg.len >= STREAM_MIN_GAP || (i == last && flush) {
-                        ended = true;
-                        break;
-                    }
-                    if i == last {
-                        break;
-                    }
-                }
-                end += seg.len;
-                count += 1;
-            }
-            if !(ended || flush || end - start >= self.commit) {
-                return;
-            }
-            let writer = self.writer.as_mut().expect("streaming writer");
-            writer.begin(start, end - start);
-            for seg in self.pending.drain(..count) {
-                // Zero bytes come from shared memory: they hold no budget.
-                let (data, budget) = match seg.data {
-                    Some(data) => (data, seg.len),
-                    None => (disk::endpoint::zero_bytes(seg.len as usize), 0),
-                };
-                let piece = writer.push(data);
-                let (n, shared) = (seg.len, self.shared);
-                self.writes.push(Box::pin(async move {
-                    piece.await?;
-                    shared.written.fetch_add(n, Ordering::Relaxed);
-                    shared.progress.add(n);
-                    Ok(budget)
-                }));
-                self.ops += 1;
-            }
-        }
-    }
-
-    /// Zeroes [offset, offset+len) on the destination unless it already reads as zero.
-    fn zero(&mut self, offset: u64, len: u64) {
-        let shared = self.shared;
-        if shared.dst_zero {
-            shared.skipped.fetch_add(len, Ordering::Relaxed);
-            shared.progress.add(len);
+    /// [offset, offset+len) must read as zeroes: joins the pending zero run, or starts one.
+    fn zero(&mut self, offset: u64, len: u64, permit: Permit) {
+        if len == 0 {
             return;
         }
-        let parts = if shared.dst_extents {
-            needs_zeroing(offset, len, &self.dst_map)
-        } else {
-            vec![(offset, len)]
-        };
-        let work: u64 = parts.iter().map(|(_, l)| l).sum();
-        shared.skipped.fetch_add(len - work, Ordering::Relaxed);
-        shared.progress.add(len - work);
-        let allocate = shared.opts.allocated;
-        for (at, n) in parts {
-            let dst = self.dst;
-            self.writes.push(Box::pin(async move {
-                dst.zero(at, n, allocate).await?;
-                shared.zeroed.fetch_add(n, Ordering::Relaxed);
-                shared.progress.add(n);
-                Ok(0)
-            }));
-            self.ops += 1;
+        if self.shared.dst_zero {
+            self.shared.skipped.fetch_add(len, Ordering::Relaxed);
+            self.shared.progress.add(len);
+            return;
+        }
+        match &mut self.zero_run {
+            // The run keeps its first permit; later ones are released, so a long zero run
+            // never holds many request slots.
+            Some(run) if run.offset + run.len == offset => run.len += len,
+            _ => {
+                self.flush_zero();
+                self.zero_run = Some(ZeroRun {
+                    offset,
+                    len,
+                    permit,
+                });
+            }
         }
     }
-}
 
-/// A streamed run is sent once this much of it has been read, without waiting for its end.
-const STREAM_COMMIT: u64 = 8 << 20;
-/// Zero blocks inside streamed data are found at this granularity: smaller zero blocks stay
-/// in the data, since every gap ends a request.
-const STREAM_ZERO_BLOCK: u64 = 64 << 10;
-
-/// Zero runs inside streamed data shorter than this are sent as zero bytes: a shorter gap would
-/// cost two requests (a zero request and a new PUT) to save less than it costs to send.
-const STREAM_MIN_GAP: u64 = 256 << 10;
-
-/// A piece of a completed read waiting for the streaming writer; `data` is `None` for zeroes.
-struct Segment {
-    offset: u64,
-    len: u64,
-    data: Option<Bytes>,
+    /// Hands the pending zero run to the sink, less what the destination already reads as zero.
+    fn flush_zero(&mut self) {
+        let Some(run) = self.zero_run.take() else {
+            return;
+        };
+        let shared = self.shared;
+        let parts = if shared.dst_extents {
+            needs_zeroing(run.offset, run.len, &self.dst_map)
+        } else {
+            vec![(run.offset, run.len)]
+        };
+        let work: u64 = parts.iter().map(|(_, l)| l).sum();
+        shared.skipped.fetch_add(run.len - work, Ordering::Relaxed);
+        shared.progress.add(run.len - work);
+        let mut permit = Some(run.permit);
+        for (at, n) in parts {
+            let share = permit.take().unwrap_or_default();
+            self.sink.push(Segment::zero(at, n, share));
+        }
+    }
 }
 
 /// Contiguous runs of reads in a plan: each is read as one request where sources stream.
@@ -724,10 +651,12 @@ fn check_coverage(name: &str, extents: &[Extent], start: u64, end: u64) -> Resul
         pos = e.end();
     }
     if pos < end {
-        return Err(CopyError::Broken(format!(
-            "{name}: extents cover only [{start}, {pos}) of [{start}, {end}); \
-             try --no-extents as a workaround"
-        )));
+        return Err(CopyError::IncompleteExtents {
+            endpoint: name.to_string(),
+            start,
+            covered: pos,
+            end,
+        });
     }
     Ok(())
 }

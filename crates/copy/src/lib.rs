@@ -8,6 +8,8 @@
 mod engine;
 pub mod plan;
 pub mod progress;
+pub mod settings;
+pub mod verify;
 /// Zero detection lives with the endpoints (the server uses it too); re-exported here.
 pub use disk::sparse;
 
@@ -15,15 +17,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use disk::{DiskError, Endpoint};
+use disk::{DiskError, Endpoint, ErrorKind};
 
 pub use engine::copy;
 pub use progress::Progress;
+pub use settings::{Report, Settings, run};
 
 /// nbdcopy's work-range size: the unit workers take from the shared cursor.
 pub const DEFAULT_WORK_SIZE: u64 = 128 << 20;
 
-/// Resolved settings of one copy (the CLI derives them from nbdcopy-compatible flags).
+/// Resolved settings of one copy, from [`CopyOptions::resolve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyOptions {
     /// Largest read from the source.
@@ -102,18 +105,78 @@ pub struct Stats {
     pub elapsed: Duration,
 }
 
+/// Why a copy failed. `kind()` tells callers what kind of failure it is.
+#[non_exhaustive]
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CopyError {
+    /// An endpoint operation failed.
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error("destination size ({dst}) is smaller than source size ({src})")]
     DestinationTooSmall { src: u64, dst: u64 },
     #[error("{0}: the destination is read-only, cannot write to it")]
     ReadOnly(String),
-    #[error("{0}")]
-    Broken(String),
+    /// An incremental copy from a source that cannot say what changed.
+    #[error(
+        "{0}: an incremental copy needs the source's dirty extents (an NBD dirty bitmap, \
+         or an imageio ticket with dirty extents)"
+    )]
+    NoDirtyExtents(String),
+    /// The source's extents left part of a range undescribed: a broken server.
+    #[error(
+        "{endpoint}: extents cover only [{start}, {covered}) of [{start}, {end}); \
+         try --no-extents as a workaround"
+    )]
+    IncompleteExtents {
+        endpoint: String,
+        start: u64,
+        covered: u64,
+        end: u64,
+    },
+    /// `--verify` found the destination differs from the source.
+    #[error(
+        "verification failed: the destination {dst} differs from the source {src} \
+         ({checksum}: source {src_digest}, destination {dst_digest} by {how})"
+    )]
+    VerifyMismatch {
+        src: String,
+        dst: String,
+        /// The checksum compared, e.g. `imageio blake2b/4194304`.
+        checksum: String,
+        src_digest: String,
+        dst_digest: String,
+        /// How the destination's digest was learned: read back, or its server's checksum.
+        how: String,
+    },
+    /// Hashing the copied data, or checksumming an endpoint to verify it, failed.
+    #[error("{what}: {source}")]
+    Checksum {
+        what: &'static str,
+        #[source]
+        source: blkhash::endpoint::EndpointError,
+    },
+    /// A worker task panicked (a bug): the copy stops.
+    #[error("a copy worker failed: {0}")]
+    Worker(String),
     #[error("copy interrupted")]
     Cancelled,
+}
+
+impl CopyError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CopyError::Disk(e) => e.kind(),
+            CopyError::DestinationTooSmall { .. } => ErrorKind::NoSpace,
+            CopyError::ReadOnly(_) => ErrorKind::ReadOnly,
+            CopyError::NoDirtyExtents(_) => ErrorKind::Unsupported,
+            CopyError::IncompleteExtents { .. } => ErrorKind::Protocol,
+            CopyError::VerifyMismatch { .. } => ErrorKind::VerifyMismatch,
+            CopyError::Checksum { source, .. } => source.kind(),
+            CopyError::Worker(_) => ErrorKind::Other,
+            CopyError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
 }
 
 /// Stops a running copy from outside (Ctrl-C): no new work is issued, work in flight drains,

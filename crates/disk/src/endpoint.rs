@@ -7,10 +7,14 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::extents::Extent;
+use crate::sink::{RequestSink, Sink, SinkOptions};
 pub use bufpool::zero_bytes;
+pub use errkind::ErrorKind;
 pub use nbd::error::io_reason;
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, DiskError>> + Send + 'a>>;
@@ -28,10 +32,16 @@ pub struct Caps {
     /// A zero request can be asked to fail fast instead of falling back to writing.
     pub fast_zero: bool,
     pub flush: bool,
-    /// Requests may be issued from several tasks at once and complete in any order.
-    pub concurrent: bool,
-    /// Bytes must be read or written strictly in order (pipes).
+    /// Writes are durable only once flushed (an upload sent with `flush=n`): a copy into it
+    /// always ends with a flush, whatever the user asked.
+    pub needs_flush: bool,
+    /// Bytes must be read or written strictly in order (pipes, a web server that ignores
+    /// Range); otherwise requests may be issued from several tasks at once and complete in
+    /// any order.
     pub sequential: bool,
+    /// Connections this endpoint holds when each is best driven by a pipeline of its own (HTTP:
+    /// a pipeline waits on the network, not on a CPU); a copy runs no more pipelines than this.
+    pub connections: Option<usize>,
     /// Offsets and lengths must be multiples of this.
     pub min_block: u64,
     /// Requests should be multiples of this.
@@ -45,11 +55,6 @@ pub struct Caps {
     pub queue_depth: usize,
     /// The whole endpoint is known to read as zeroes (a fresh or truncated file, `null:`).
     pub known_zero: bool,
-    /// Writes are best sent as one long request per data run ([`Endpoint::stream_writer`]):
-    /// an HTTP server takes a run as one PUT instead of a request per piece.
-    pub stream_writes: bool,
-    /// Data runs are best read as one long request ([`Endpoint::stream_reader`]).
-    pub stream_reads: bool,
     /// Changed ranges since a checkpoint are known ([`Endpoint::dirty`]): an NBD dirty bitmap,
     /// imageio's dirty context.
     pub dirty: bool,
@@ -65,16 +70,15 @@ impl Caps {
             efficient_zero: false,
             fast_zero: false,
             flush: false,
-            concurrent: true,
+            needs_flush: false,
             sequential: false,
+            connections: None,
             min_block: 1,
             preferred_block: 4096,
             max_request: 32 << 20,
             default_request: 256 << 10,
             queue_depth: 64,
             known_zero: false,
-            stream_writes: false,
-            stream_reads: false,
             dirty: false,
         }
     }
@@ -106,17 +110,46 @@ impl Op {
     }
 }
 
-/// A failed endpoint operation: which endpoint, what, where, and why.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{} {endpoint}{} failed: {cause}", op.phrase(), range_text(*offset, *length))]
+/// A failed endpoint operation: which endpoint, what, where, why, and what kind of failure
+/// it is. The message keeps one shape users and scripts rely on:
+/// `{op} {endpoint} at offset {o} length {l} failed: {cause}`.
+#[derive(Debug, Clone)]
 pub struct DiskError {
     pub endpoint: String,
     pub op: Op,
     pub offset: Option<u64>,
     pub length: Option<u64>,
+    /// Why, in words (the tail of the message).
     pub cause: String,
+    /// What kind of failure: what callers decide from (retry, status code, exit code).
+    pub kind: ErrorKind,
     /// The OS or NBD error number, when there is one.
     pub errno: Option<i32>,
+    /// The HTTP status a server answered with, when there is one.
+    pub status: Option<u16>,
+    /// The error this one wraps, for `source()`.
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for DiskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}{} failed: {}",
+            self.op.phrase(),
+            self.endpoint,
+            range_text(self.offset, self.length),
+            self.cause
+        )
+    }
+}
+
+impl std::error::Error for DiskError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 fn range_text(offset: Option<u64>, length: Option<u64>) -> String {
@@ -128,14 +161,17 @@ fn range_text(offset: Option<u64>, length: Option<u64>) -> String {
 }
 
 impl DiskError {
-    pub fn new(endpoint: &str, op: Op, cause: impl Into<String>) -> Self {
+    pub fn new(endpoint: &str, op: Op, kind: ErrorKind, cause: impl Into<String>) -> Self {
         DiskError {
             endpoint: endpoint.to_string(),
             op,
             offset: None,
             length: None,
             cause: cause.into(),
+            kind,
             errno: None,
+            status: None,
+            source: None,
         }
     }
 
@@ -145,27 +181,35 @@ impl DiskError {
         self
     }
 
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// May the operation be sent again? Decided from the kind alone ([`ErrorKind::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
     pub fn from_io(endpoint: &str, op: Op, err: &std::io::Error) -> Self {
-        let mut e = DiskError::new(endpoint, op, io_reason(err));
+        let mut e = DiskError::new(endpoint, op, ErrorKind::from_io(err), io_reason(err));
         e.errno = err.raw_os_error();
+        e.source = Some(Arc::new(std::io::Error::new(err.kind(), err.to_string())));
         e
     }
 
     pub fn from_nbd(endpoint: &str, op: Op, err: &nbd::Error) -> Self {
-        let mut e = DiskError::new(endpoint, op, err.reason());
+        let mut e = DiskError::new(endpoint, op, err.kind(), err.reason());
         e.errno = err.errno().map(|n| n as i32);
+        e.source = Some(Arc::new(err.clone()));
         e
     }
-}
 
-/// A pipeline's streaming writer, from [`Endpoint::stream_writer`]: each run of the
-/// destination is written as one long request, runs one after another in the order begun.
-/// `begin` opens a run; `push` queues its next piece at once (so call order is stream order)
-/// and resolves when the piece has been sent, or, for a run's last piece, when the run is done.
-/// Pieces must cover each run exactly.
-pub trait StreamWriter: Send + Sync {
-    fn begin(&mut self, offset: u64, len: u64);
-    fn push(&mut self, data: Bytes) -> BoxFut<'static, ()>;
+    /// The same failure reported under another endpoint name (a wrapper that names itself).
+    pub fn renamed(mut self, endpoint: &str) -> Self {
+        self.endpoint = endpoint.to_string();
+        self
+    }
 }
 
 /// A pipeline's streaming reader, from [`Endpoint::stream_reader`]: each run of the source is
@@ -176,8 +220,20 @@ pub trait StreamReader: Send + Sync {
     fn read(&mut self, len: u64) -> BoxFut<'static, Bytes>;
 }
 
-/// One side of a copy. All methods may be called concurrently when `caps().concurrent`.
-pub trait Endpoint: Send + Sync {
+/// Lets a trait default method hand `self` on as `&dyn Endpoint` (implemented for every
+/// endpoint; nothing to do by hand).
+pub trait AsEndpoint {
+    fn as_endpoint(&self) -> &dyn Endpoint;
+}
+
+impl<T: Endpoint + Sized> AsEndpoint for T {
+    fn as_endpoint(&self) -> &dyn Endpoint {
+        self
+    }
+}
+
+/// One side of a copy. All methods may be called concurrently unless `caps().sequential`.
+pub trait Endpoint: Send + Sync + AsEndpoint {
     /// How the user named it (URI or path), for messages.
     fn name(&self) -> &str;
     fn caps(&self) -> &Caps;
@@ -203,6 +259,7 @@ pub trait Endpoint: Send + Sync {
             Err(DiskError::new(
                 self.name(),
                 Op::Extents,
+                ErrorKind::Unsupported,
                 "no dirty bitmap: incremental copies need one",
             )
             .at(offset, len))
@@ -213,14 +270,20 @@ pub trait Endpoint: Send + Sync {
     fn set_size(&self, _size: u64) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })
     }
-    /// A streaming writer for one pipeline when `caps().stream_writes`. Runs of one writer
-    /// never wait on each other's connection, so pipelines cannot starve one another.
-    fn stream_writer(&self) -> Option<Box<dyn StreamWriter>> {
-        None
+    /// The writer of one copy pipeline: turns the engine's ordered segments into requests.
+    /// By default each data segment becomes writes and each zero segment a zero request.
+    fn sink(&self, opts: &SinkOptions) -> Box<dyn Sink + '_> {
+        Box::new(RequestSink::new(self.as_endpoint(), opts))
     }
-    /// A streaming reader for one pipeline when `caps().stream_reads`.
+    /// A streaming reader for one pipeline, for sources that read a data run best as one long
+    /// request (an HTTP ranged GET); `None` reads piece by piece with [`Endpoint::read`].
     fn stream_reader(&self) -> Option<Box<dyn StreamReader>> {
         None
+    }
+    /// The checksum the endpoint's own server computes (imageio's `/checksum`), as hex, when
+    /// it offers one for this algorithm and block size: a verification then reads nothing back.
+    fn server_checksum(&self, _algorithm: &str, _block_size: u64) -> BoxFut<'_, Option<String>> {
+        Box::pin(async { Ok(None) })
     }
     /// Releases the endpoint (soft disconnect, child process stop). Idempotent.
     fn close(&self) -> BoxFut<'_, ()> {
@@ -248,5 +311,8 @@ mod tests {
              No space left on device (ENOSPC)"
         );
         assert_eq!(e.errno, Some(libc::ENOSPC));
+        assert_eq!(e.kind(), ErrorKind::NoSpace);
+        assert!(!e.is_retryable());
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

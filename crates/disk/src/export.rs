@@ -9,7 +9,7 @@ use nbd::proto::BlockSize;
 use nbd::proto::consts::*;
 use nbd::server::{Export, ExportCaps, ExportError, ExportFut, ReadPiece};
 
-use crate::endpoint::{DiskError, Endpoint};
+use crate::endpoint::{DiskError, Endpoint, ErrorKind};
 
 /// Largest request the server accepts (the de-facto maximum every client honours).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -32,12 +32,13 @@ impl EndpointExport {
 }
 
 fn export_error(e: DiskError) -> ExportError {
-    let errno = match e.errno {
-        Some(libc::EPERM | libc::EACCES | libc::EROFS) => EPERM,
-        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
-        Some(libc::EINVAL) => EINVAL,
-        Some(libc::ENOMEM) => ENOMEM,
-        Some(libc::EOPNOTSUPP) => ENOTSUP,
+    // NBD has few error values: each kind goes to the one a client reads it as.
+    let errno = match e.kind() {
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnly => EPERM,
+        ErrorKind::NoSpace => ENOSPC,
+        ErrorKind::InvalidRequest => EINVAL,
+        ErrorKind::Unsupported => ENOTSUP,
+        _ if e.errno == Some(libc::ENOMEM) => ENOMEM,
         _ => EIO,
     };
     ExportError::new(errno, e.cause)
@@ -58,7 +59,7 @@ impl Export for EndpointExport {
             zero: true,
             fast_zero: c.fast_zero,
             cache: true,
-            multi_conn: c.concurrent,
+            multi_conn: !c.sequential,
             extents: c.extents,
             block_size: BlockSize {
                 minimum: min,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 
-use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, zero_bytes};
+use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op, zero_bytes};
 use crate::extents::Extent;
 use crate::file_extents::{file_extents, file_size};
 
@@ -143,6 +143,7 @@ impl FileEndpoint {
             return Err(DiskError::new(
                 &name,
                 Op::Open,
+                ErrorKind::InvalidRequest,
                 "not a regular file or block device",
             ));
         }
@@ -195,7 +196,14 @@ impl FileEndpoint {
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| DiskError::new(&self.inner.name, op, format!("I/O task failed: {e}")))?;
+            .map_err(|e| {
+                DiskError::new(
+                    &self.inner.name,
+                    op,
+                    ErrorKind::Other,
+                    format!("I/O task failed: {e}"),
+                )
+            })?;
         result.map_err(|e| DiskError::from_io(&self.inner.name, op, &e).at(offset, len))
     }
 }

@@ -9,9 +9,11 @@ pub mod file_extents;
 pub mod nbd;
 pub mod null;
 pub mod pipe;
+pub mod sink;
 pub mod sparse;
 pub mod subprocess;
 pub mod write_behind;
 
-pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, StreamReader, StreamWriter};
+pub use endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op, StreamReader};
 pub use extents::Extent;
+pub use sink::{Budget, Permit, Segment, Sink, SinkOptions};

@@ -7,7 +7,7 @@ use nbd::client::ZeroFlags;
 use nbd::proto::consts::*;
 use nbd::{Client, ConnectOptions};
 
-use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, Op, zero_bytes};
+use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op, zero_bytes};
 use crate::extents::Extent;
 
 /// Request size nbdcopy uses for NBD, and a good default for pipelining.
@@ -66,16 +66,15 @@ impl NbdEndpoint {
             fast_zero: info.has_flag(TFLAG_SEND_WRITE_ZEROES)
                 && info.has_flag(TFLAG_SEND_FAST_ZERO),
             flush: info.has_flag(TFLAG_SEND_FLUSH),
-            concurrent: true,
+            needs_flush: false,
             sequential: false,
+            connections: None,
             min_block: min,
             preferred_block: u64::from(b.preferred),
             max_request: max,
             default_request: DEFAULT_NBD_REQUEST.clamp(min, max),
             queue_depth: 64,
             known_zero: false,
-            stream_writes: false,
-            stream_reads: false,
             dirty: dirty_context(&client).is_some(),
         };
         NbdEndpoint {
@@ -196,6 +195,7 @@ impl Endpoint for NbdEndpoint {
                 return Err(DiskError::new(
                     &self.name,
                     Op::Extents,
+                    ErrorKind::Unsupported,
                     "no qemu:dirty-bitmap context was negotiated",
                 )
                 .at(offset, len));

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, Op};
+use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op};
 
 pub struct NullEndpoint {
     caps: Caps,
@@ -31,7 +31,13 @@ impl Endpoint for NullEndpoint {
 
     fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
         Box::pin(async move {
-            Err(DiskError::new("null:", Op::Read, "null: is a destination only").at(offset, len))
+            Err(DiskError::new(
+                "null:",
+                Op::Read,
+                ErrorKind::Unsupported,
+                "null: is a destination only",
+            )
+            .at(offset, len))
         })
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::endpoint::{BoxFut, Caps, DiskError, Op, zero_bytes};
+use crate::endpoint::{BoxFut, Caps, DiskError, ErrorKind, Op, zero_bytes};
 
 enum Stream {
     Reader(Box<dyn Read + Send>),
@@ -37,6 +37,7 @@ impl PipeEndpoint {
             return Err(DiskError::new(
                 "-",
                 Op::Open,
+                ErrorKind::InvalidRequest,
                 "refusing to write to a terminal",
             ));
         }
@@ -60,7 +61,6 @@ impl PipeEndpoint {
     fn new(name: &str, stream: Stream, source: bool) -> Self {
         let mut caps = Caps::random_access(0);
         caps.size = None;
-        caps.concurrent = false;
         caps.sequential = true;
         caps.read_only = source;
         caps.flush = !source;
@@ -82,10 +82,9 @@ impl PipeEndpoint {
     /// Waits until the stream is at `offset`. Returns false if the source already ended.
     async fn wait_turn(&self, op: Op, offset: u64, len: u64) -> Result<bool, DiskError> {
         let mut rx = self.turn.subscribe();
-        let at = *rx
-            .wait_for(|pos| *pos >= offset)
-            .await
-            .map_err(|_| DiskError::new(&self.name, op, "stream closed"))?;
+        let at = *rx.wait_for(|pos| *pos >= offset).await.map_err(|_| {
+            DiskError::new(&self.name, op, ErrorKind::ConnectionLost, "stream closed")
+        })?;
         if at == ENDED {
             return Ok(false);
         }
@@ -93,6 +92,7 @@ impl PipeEndpoint {
             return Err(DiskError::new(
                 &self.name,
                 op,
+                ErrorKind::InvalidRequest,
                 format!("out-of-order request: the stream is already at offset {at}"),
             )
             .at(offset, len));
@@ -113,14 +113,24 @@ impl PipeEndpoint {
             f(&mut guard)
         })
         .await
-        .map_err(|e| DiskError::new(&self.name, op, format!("I/O task failed: {e}")))?
+        .map_err(|e| {
+            DiskError::new(
+                &self.name,
+                op,
+                ErrorKind::Other,
+                format!("I/O task failed: {e}"),
+            )
+        })?
         .map_err(|e| DiskError::from_io(&self.name, op, &e).at(offset, len))
     }
 
     async fn write_in_turn(&self, op: Op, offset: u64, data: Bytes) -> Result<(), DiskError> {
         let len = data.len() as u64;
         if !self.wait_turn(op, offset, len).await? {
-            return Err(DiskError::new(&self.name, op, "stream ended").at(offset, len));
+            return Err(
+                DiskError::new(&self.name, op, ErrorKind::ConnectionLost, "stream ended")
+                    .at(offset, len),
+            );
         }
         self.run(op, offset, len, move |s| match s {
             Stream::Writer(w) => w.write_all(&data),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
-use crate::endpoint::{DiskError, Op};
+use crate::endpoint::{DiskError, ErrorKind, Op};
 
 /// The file descriptor systemd socket activation passes first.
 const LISTEN_FD: i32 = 3;
@@ -30,6 +30,7 @@ impl Subprocess {
             return Err(DiskError::new(
                 &name,
                 Op::Open,
+                ErrorKind::InvalidRequest,
                 "empty command between [ and ]",
             ));
         };

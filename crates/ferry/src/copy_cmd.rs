@@ -1,5 +1,5 @@
 //! `ferry copy SRC DST`: nbdcopy's command line (same option names, defaults and meanings) plus
-//! ferry's additions, validated into [`copy::CopyOptions`] and endpoints, then one library call.
+//! ferry's additions, validated into [`copy::Settings`] and endpoints, then one library call.
 
 use std::io::IsTerminal;
 use std::os::fd::FromRawFd;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use copy::progress::{self, Style};
-use copy::{Cancel, CopyOptions, Job, Progress};
+use copy::{Cancel, Progress};
 use disk::Endpoint;
 use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
@@ -135,15 +135,6 @@ impl HttpArgs {
     }
 }
 
-/// Threads the copy may use: `-T`, or one per CPU.
-fn cpus(threads: u64) -> usize {
-    if threads > 0 {
-        threads as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-}
-
 /// `4096`, `256k`, `4M`, `1G` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -212,8 +203,6 @@ struct Opened {
     /// An HTTP endpoint: the connections it will use (one pipeline each), and what the server
     /// offers, for -v.
     http: Option<(usize, String)>,
-    /// The same endpoint when it is HTTP, for what only its server can do (`/checksum`).
-    server: Option<Arc<imageio::HttpEndpoint>>,
 }
 
 async fn open(
@@ -233,13 +222,11 @@ async fn open(
         opts
     };
     let mut http = None;
-    let mut server = None;
     let endpoint: Arc<dyn Endpoint> = match spec {
         Spec::Http(url) => {
             let mut http_opts = args.http.options(connections, !source);
             http_opts.dirty = source && args.incremental;
             let ep = Arc::new(imageio::open(&url, &http_opts).await?);
-            server = Some(ep.clone());
             let info = ep.server();
             http = Some((
                 ep.connections(),
@@ -291,11 +278,7 @@ async fn open(
         }
         Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
     };
-    Ok(Opened {
-        endpoint,
-        http,
-        server,
-    })
+    Ok(Opened { endpoint, http })
 }
 
 fn open_path(
@@ -414,62 +397,26 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         }
     };
     let dst = dst_opened.endpoint;
-    // HTTP pipelines wait on the network, not on CPUs: one per connection the server allows.
-    let http_pipelines = [&src_opened.http, &dst_opened.http]
-        .into_iter()
-        .flatten()
-        .map(|(n, _)| *n)
-        .min();
-    let (sc, dc) = (src.caps().clone(), dst.caps().clone());
-
-    // Per-side request sizes: the user's, else the endpoint's default; never below what the
-    // endpoint prefers, never above what it accepts.
-    let src_request = args
-        .src_request_size
-        .or(args.request_size)
-        .unwrap_or(sc.default_request)
-        .max(sc.preferred_block.min(32 << 20))
-        .min(sc.max_request.max(sc.min_block));
-    let dst_request = args
-        .dst_request_size
-        .or(args.request_size)
-        .unwrap_or(dc.default_request.max(src_request))
-        .max(dc.preferred_block.min(32 << 20))
-        .min(dc.max_request.max(dc.min_block));
-    let synchronous = args.synchronous;
-    let opts = CopyOptions {
-        src_request,
-        dst_request,
-        requests: if synchronous {
-            1
-        } else {
-            args.requests as usize
-        },
-        // Like nbdcopy: as many pipelines as connections, but no more than CPUs (each pipeline
-        // keeps its own queue of requests, so more would only add memory).
-        workers: if synchronous {
-            1
-        } else if let Some(n) = http_pipelines {
-            n
-        } else {
-            (args.connections as usize).min(cpus(args.threads))
-        },
-        queue_bytes: args.queue_size.max(src_request),
-        sparse: if args.sparse == 0 {
-            0
-        } else {
-            args.sparse.max(dc.preferred_block.min(1 << 20))
-        },
+    let settings = copy::Settings {
+        src_request: args.src_request_size.or(args.request_size),
+        dst_request: args.dst_request_size.or(args.request_size),
+        requests: args.requests as usize,
+        connections: args.connections as usize,
+        threads: args.threads as usize,
+        queue_bytes: args.queue_size,
+        sparse: args.sparse,
         allocated: args.allocated,
         destination_is_zero: args.destination_is_zero,
-        // Uploads are sent with flush=n, as imageio's own client does: one flush at the end
-        // makes them durable.
-        flush: args.flush || dst_opened.http.is_some(),
+        flush: args.flush,
         extents: !args.no_extents,
-        work_size: copy::DEFAULT_WORK_SIZE,
         incremental: args.incremental,
+        synchronous: args.synchronous,
+        verify: args.verify,
+        blkhash: blkhash_spec,
     };
     if args.verbose {
+        let (sc, dc) = (src.caps(), dst.caps());
+        let opts = copy::CopyOptions::resolve(sc, dc, &settings);
         eprintln!(
             "ferry: source {} size {} preferred {} request {}",
             src.name(),
@@ -492,14 +439,9 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
                 eprintln!("ferry: {side} server: {server}, {connections} connections");
             }
         }
-        let streaming = sc.sequential || dc.sequential;
         eprintln!(
             "ferry: pipelines={} requests={} queue-size={} sparse={} synchronous={}",
-            if streaming { 1 } else { opts.workers },
-            opts.requests,
-            opts.queue_bytes,
-            opts.sparse,
-            synchronous
+            opts.workers, opts.requests, opts.queue_bytes, opts.sparse, args.synchronous
         );
     }
 
@@ -535,37 +477,14 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             cancel.cancel();
         })
     };
-    // Hashers fed by the copy itself, so the source is read once.
-    let verify_hasher = (args.verify && !args.incremental)
-        .then(|| Arc::new(blkhash::Hasher::new(blkhash::Spec::imageio())));
-    let blkhash_hasher = blkhash_spec.map(|spec| Arc::new(blkhash::Hasher::new(spec)));
-    let mut job = Job::new(src.clone(), dst.clone());
-    let hashers: Vec<Arc<blkhash::Hasher>> = verify_hasher
-        .iter()
-        .chain(blkhash_hasher.iter())
-        .cloned()
-        .collect();
-    if !hashers.is_empty() {
-        job.observer = Some(Arc::new(HashObserver(hashers)));
-    }
-    let mut result = copy::copy(job, opts, progress.clone(), cancel).await;
-    if let Ok(stats) = &result
-        && (args.verify || blkhash_hasher.is_some())
-    {
-        let report = finish_hashes(
-            &args,
-            &src,
-            &dst,
-            dst_opened.server.as_deref(),
-            stats.size,
-            verify_hasher.as_deref(),
-            blkhash_hasher.as_deref(),
-        )
-        .await;
-        if let Err(e) = report {
-            result = Err(copy::CopyError::Broken(format!("{e:#}")));
-        }
-    }
+    let result = copy::run(
+        src.clone(),
+        dst.clone(),
+        &settings,
+        progress.clone(),
+        cancel,
+    )
+    .await;
     interrupt.abort();
     let _ = done_tx.send(result.is_ok());
     if let Some(r) = reporter {
@@ -576,10 +495,24 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     } else {
         (src.abort().await, dst.abort().await)
     };
-    let stats = result.map_err(anyhow::Error::from)?;
+    let report = result.map_err(anyhow::Error::from)?;
     close_src?;
     close_dst?;
+    if let Some(digest) = &report.blkhash {
+        match &args.blkhash_file {
+            Some(path) => std::fs::write(path, format!("{digest}\n"))
+                .with_context(|| format!("writing {}", path.display()))?,
+            None => println!("{digest}"),
+        }
+    }
     if args.verbose {
+        let stats = &report.stats;
+        if let Some(v) = &report.verified {
+            eprintln!(
+                "ferry: verified: {} {} (destination by {})",
+                v.checksum, v.digest, v.how
+            );
+        }
         let secs = stats.elapsed.as_secs_f64();
         eprintln!(
             "ferry: copied {} in {secs:.3} s ({}): read {}, wrote {}, zeroed {}, skipped {} \
@@ -595,104 +528,6 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
-}
-
-/// Feeds the source's content to the hashers as the copy reads it.
-struct HashObserver(Vec<Arc<blkhash::Hasher>>);
-
-impl copy::SourceObserver for HashObserver {
-    fn data(&self, offset: u64, data: &bytes::Bytes) {
-        for h in &self.0 {
-            h.data(offset, data);
-        }
-    }
-
-    fn zero(&self, offset: u64, len: u64) {
-        for h in &self.0 {
-            h.zero(offset, len);
-        }
-    }
-}
-
-/// Prints the --blkhash digest, and for --verify compares the source's digest with the
-/// destination's (from the server's /checksum when it has one, else read back).
-async fn finish_hashes(
-    args: &CopyArgs,
-    src: &Arc<dyn Endpoint>,
-    dst: &Arc<dyn Endpoint>,
-    dst_server: Option<&imageio::HttpEndpoint>,
-    size: u64,
-    verify: Option<&blkhash::Hasher>,
-    blk: Option<&blkhash::Hasher>,
-) -> anyhow::Result<()> {
-    if let Some(h) = blk {
-        h.set_size(size);
-        let digest = h.finish().context("computing the --blkhash digest")?;
-        match &args.blkhash_file {
-            Some(path) => std::fs::write(path, format!("{digest}\n"))
-                .with_context(|| format!("writing {}", path.display()))?,
-            None => println!("{digest}"),
-        }
-    }
-    if !args.verify {
-        return Ok(());
-    }
-    let spec = blkhash::Spec::imageio();
-    let read_opts = blkhash::endpoint::ReadOptions::default();
-    let src_digest = match verify {
-        Some(h) => {
-            h.set_size(size);
-            h.finish().context("hashing the source")?.to_hex()
-        }
-        // Incremental: the copy read only what changed, so the source is read again.
-        None => blkhash::endpoint::checksum(src.clone(), spec, &read_opts)
-            .await
-            .context("checksumming the source")?
-            .to_hex(),
-    };
-    let (dst_digest, how) = match dst_server_checksum(dst_server, &spec).await? {
-        Some(hex) => (hex, "the server's checksum"),
-        None => (
-            blkhash::endpoint::checksum(dst.clone(), spec, &read_opts)
-                .await
-                .context("checksumming the destination")?
-                .to_hex(),
-            "read back",
-        ),
-    };
-    if dst_digest != src_digest {
-        anyhow::bail!(
-            "verification failed: the destination {} differs from the source {} \
-             ({} {}/{}: source {src_digest}, destination {dst_digest} by {how})",
-            dst.name(),
-            src.name(),
-            spec.kind.name(),
-            spec.algorithm,
-            spec.block_size
-        );
-    }
-    if args.verbose {
-        eprintln!(
-            "ferry: verified: {} {}/{} {src_digest} (destination by {how})",
-            spec.kind.name(),
-            spec.algorithm,
-            spec.block_size
-        );
-    }
-    Ok(())
-}
-
-/// The destination server's own checksum, when it is an imageio server offering one.
-async fn dst_server_checksum(
-    server: Option<&imageio::HttpEndpoint>,
-    spec: &blkhash::Spec,
-) -> anyhow::Result<Option<String>> {
-    let Some(http) = server else {
-        return Ok(None);
-    };
-    http.server_checksum(&spec.algorithm.to_string(), spec.block_size)
-        .await
-        .with_context(|| format!("asking {} for its checksum", http.url()))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use copy::{Cancel, CopyOptions, Job, Progress, Stats};
+use copy::{Cancel, Progress, Stats};
 use disk::Endpoint;
 use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
@@ -161,20 +161,20 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     result.map_err(Failure::from)
 }
 
-/// Copies with the engine's defaults.
+/// Copies as `ferry copy` does by default.
 async fn run_copy(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> anyhow::Result<Stats> {
     let size = src.caps().size;
-    let job = Job::new(src.clone(), dst.clone());
-    let stats = copy::copy(
-        job,
-        CopyOptions::default(),
+    let report = copy::run(
+        src.clone(),
+        dst.clone(),
+        &copy::Settings::default(),
         Arc::new(Progress::new(size)),
         Cancel::default(),
     )
     .await;
     src.close().await?;
     dst.close().await?;
-    Ok(stats?)
+    Ok(report?.stats)
 }
 
 fn nbd_endpoint_options(socket: &Path) -> ConnectOptions {

@@ -8,21 +8,20 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
-use disk::{BoxFut, Caps, DiskError, Endpoint, Extent, Op, StreamReader, StreamWriter};
-use http::{Method, Request, Response, StatusCode, header};
+use disk::sink::{Sink, SinkOptions};
+use disk::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Extent, Op, StreamReader};
+use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::body::ReqBody;
+use crate::request::{Fail, Shared, content_range, content_range_total, status_error};
 use crate::stream::{RunReader, RunWriter};
-use crate::transport::{Lease, Pool, Transport};
+use crate::transport::{Pool, Transport};
+use crate::upload::RunSink;
 use crate::url::HttpUrl;
 
-/// Attempts after the first for a request that broke with its connection.
-pub(crate) const RETRIES: usize = 3;
 /// Largest PUT or GET for a single `write` or `read` call (streamed runs have no limit).
 const MAX_REQUEST: u64 = 8 << 20;
 /// Zero requests are split so that none runs for minutes on a slow server.
@@ -30,8 +29,6 @@ const MAX_ZERO: u64 = 1 << 30;
 /// Extents are fetched for at least this much of the image at a time (servers that only
 /// know whole-image extents answer with everything, which is cached too).
 const EXTENTS_WINDOW: u64 = 4 << 30;
-/// Error bodies longer than this are cut in messages.
-const MAX_MESSAGE: usize = 300;
 
 /// How to reach the server and how much of it to use.
 #[derive(Debug, Clone)]
@@ -85,207 +82,6 @@ impl ServerInfo {
     }
 }
 
-/// State the endpoint shares with the tasks of its streamed runs.
-pub(crate) struct Shared {
-    pub name: String,
-    pub host: String,
-    /// The image's path (and the URL's query, if any).
-    pub target: String,
-    pub pool: Arc<Pool>,
-}
-
-impl Shared {
-    /// The image's target with `query` added.
-    pub fn target_with(&self, query: &str) -> String {
-        let sep = if self.target.contains('?') { '&' } else { '?' };
-        format!("{}{sep}{query}", self.target)
-    }
-
-    /// Sends a ranged GET (or a plain one for `None`) and checks the answer covers the range.
-    pub async fn get_range(
-        &self,
-        range: Option<(u64, u64)>,
-        fail: &impl Fn(String) -> DiskError,
-    ) -> Result<(Response<Incoming>, Lease), DiskError> {
-        let make = || {
-            let mut req = Request::get(self.target.as_str()).header(header::HOST, &self.host);
-            if let Some((offset, len)) = range {
-                req = req.header(
-                    header::RANGE,
-                    format!("bytes={}-{}", offset, offset + len - 1),
-                );
-            }
-            req.body(ReqBody::Empty).expect("valid request")
-        };
-        let (resp, lease) = self.send(make, fail).await?;
-        let status = resp.status();
-        match (status, range) {
-            (StatusCode::PARTIAL_CONTENT, Some((offset, len))) => {
-                match content_range(resp.headers()) {
-                    Some((first, last, _)) if first == offset && last + 1 == offset + len => {}
-                    other => {
-                        return Err(fail(format!(
-                            "the server answered the range with {other:?} instead"
-                        )));
-                    }
-                }
-            }
-            (StatusCode::OK, None) => {}
-            (s, _) if s.is_success() => {
-                return Err(fail(format!(
-                    "unexpected HTTP {s} to a ranged GET (does the server honour Range?)"
-                )));
-            }
-            _ => return Err(status_error(resp, fail).await),
-        }
-        Ok((resp, lease))
-    }
-
-    /// Sends a request built by `make`, again on a fresh connection when the connection breaks
-    /// before an answer (a keep-alive connection the server closed, a reset).
-    pub async fn send(
-        &self,
-        make: impl Fn() -> Request<ReqBody>,
-        fail: &impl Fn(String) -> DiskError,
-    ) -> Result<(Response<Incoming>, Lease), DiskError> {
-        let mut attempt = 0;
-        loop {
-            let (reason, can_retry) = match self.pool.get().await {
-                Err(e) => (format!("cannot connect: {e}"), retryable_io(&e)),
-                Ok(mut lease) => match lease.sender.send_request(make()).await {
-                    Ok(resp) => return Ok((resp, lease)),
-                    Err(e) => (hyper_reason(&e), retryable(&e)),
-                },
-            };
-            if !can_retry || attempt >= RETRIES {
-                return Err(fail(reason));
-            }
-            attempt += 1;
-            let err = fail(reason);
-            tracing::warn!("{err}; retrying ({attempt} of {RETRIES})");
-            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-        }
-    }
-
-    /// A request with a small answer: sends it (with retries), reads the body, checks for 2xx.
-    async fn call(
-        &self,
-        make: impl Fn() -> Request<ReqBody>,
-        fail: &impl Fn(String) -> DiskError,
-    ) -> Result<(StatusCode, http::HeaderMap, Bytes), DiskError> {
-        let (resp, lease) = self.send(make, fail).await?;
-        if !resp.status().is_success() {
-            return Err(status_error(resp, fail).await);
-        }
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| fail(hyper_reason(&e)))?
-            .to_bytes();
-        lease.release();
-        Ok((parts.status, parts.headers, body))
-    }
-
-    fn request(&self, method: Method, target: &str) -> http::request::Builder {
-        Request::builder()
-            .method(method)
-            .uri(target)
-            .header(header::HOST, &self.host)
-    }
-}
-
-/// An error for a non-2xx answer: the status and the server's message.
-pub(crate) async fn status_error(
-    resp: Response<Incoming>,
-    fail: &impl Fn(String) -> DiskError,
-) -> DiskError {
-    let status = resp.status();
-    let body = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut body = resp.into_body();
-        let mut text = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                text.extend_from_slice(&data);
-            }
-            if text.len() > MAX_MESSAGE {
-                break;
-            }
-        }
-        text
-    })
-    .await
-    .unwrap_or_default();
-    let mut message = String::from_utf8_lossy(&body).trim().to_string();
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push('…');
-    }
-    if message.is_empty() {
-        fail(format!("HTTP {status}"))
-    } else {
-        fail(format!("HTTP {status}: {message}"))
-    }
-}
-
-/// A hyper error with its cause chain, for messages.
-pub(crate) fn hyper_reason(e: &hyper::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// The connection broke before an answer: the request may be sent again.
-pub(crate) fn retryable(e: &hyper::Error) -> bool {
-    if e.is_closed() || e.is_incomplete_message() || e.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return retryable_io(io);
-        }
-        source = s.source();
-    }
-    false
-}
-
-fn retryable_io(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | ConnectionRefused
-    )
-}
-
-/// `Content-Range: bytes FIRST-LAST/TOTAL` (TOTAL may be `*`); `bytes */TOTAL` gives
-/// `(0, 0, Some(TOTAL))` only through [`content_range_total`].
-fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, Option<u64>)> {
-    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, total))
-}
-
-fn content_range_total(headers: &http::HeaderMap) -> Option<u64> {
-    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    v.trim().rsplit_once('/')?.1.trim().parse().ok()
-}
-
 /// Extents cached from the last query of one context, covering [start, end) contiguously;
 /// the flag is the dirty bit (dirty context only).
 #[derive(Default)]
@@ -305,13 +101,11 @@ pub struct HttpEndpoint {
     whole: Mutex<Option<(u64, RunReader)>>,
 }
 
-fn open_error(name: &str, cause: impl Into<String>) -> DiskError {
-    DiskError::new(name, Op::Open, cause)
-}
-
 /// Connects to `url`, learns what the server offers, and returns the endpoint.
 pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskError> {
-    let parsed = HttpUrl::parse(url).map_err(|e| open_error(url, e.to_string()))?;
+    let fail = Fail::new(url, Op::Open);
+    let parsed =
+        HttpUrl::parse(url).map_err(|e| fail.because(ErrorKind::InvalidRequest, e.to_string()))?;
     let tls = if parsed.tls {
         let tls = nbd::tls::TlsOptions {
             ca_file: opts.ca_file.clone(),
@@ -322,10 +116,10 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         };
         let config = tls
             .client_config()
-            .map_err(|e| open_error(url, e.to_string()))?;
+            .map_err(|e| fail.because(e.kind(), e.to_string()))?;
         let name = tls
             .server_name()
-            .map_err(|e| open_error(url, e.to_string()))?;
+            .map_err(|e| fail.because(e.kind(), e.to_string()))?;
         Some((config, name))
     } else {
         None
@@ -340,7 +134,6 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         target: parsed.target.clone(),
         pool: Pool::new(transport.clone(), 1),
     });
-    let fail = |cause: String| open_error(url, cause);
     let (options, allow) = probe_options(&shared, &fail).await?;
     let mut info = ServerInfo {
         transport: format!("{transport:?}"),
@@ -446,7 +239,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
 /// and the `allow` header.
 async fn probe_options(
     shared: &Shared,
-    fail: &impl Fn(String) -> DiskError,
+    fail: &Fail,
 ) -> Result<(Option<serde_json::Value>, Option<String>), DiskError> {
     let make = || {
         shared
@@ -468,7 +261,7 @@ async fn probe_options(
         .into_body()
         .collect()
         .await
-        .map_err(|e| fail(hyper_reason(&e)))?
+        .map_err(|e| fail.hyper(&e))?
         .to_bytes();
     lease.release();
     let doc = serde_json::from_slice::<serde_json::Value>(&body)
@@ -480,10 +273,7 @@ async fn probe_options(
 }
 
 /// The size of a plain HTTP image, and whether the server honours Range.
-async fn probe_plain(
-    shared: &Shared,
-    fail: &impl Fn(String) -> DiskError,
-) -> Result<(u64, bool), DiskError> {
+async fn probe_plain(shared: &Shared, fail: &Fail) -> Result<(u64, bool), DiskError> {
     let make = || {
         shared
             .request(Method::GET, &shared.target)
@@ -496,7 +286,7 @@ async fn probe_plain(
         StatusCode::PARTIAL_CONTENT => {
             let total = content_range(resp.headers()).and_then(|(_, _, t)| t);
             let Some(total) = total else {
-                return Err(fail("the server does not say the image's size".into()));
+                return Err(fail.protocol("the server does not say the image's size"));
             };
             if resp.into_body().collect().await.is_ok() {
                 lease.release();
@@ -516,8 +306,9 @@ async fn probe_plain(
             // The body is the whole image: the connection is dropped rather than drained.
             match len {
                 Some(len) => Ok((len, false)),
-                None => Err(fail(
-                    "the server neither honours Range nor says the image's size".into(),
+                None => Err(fail.because(
+                    ErrorKind::Unsupported,
+                    "the server neither honours Range nor says the image's size",
                 )),
             }
         }
@@ -531,7 +322,7 @@ async fn fetch_extents(
     context: &str,
     start: u64,
     len: Option<u64>,
-    fail: &impl Fn(String) -> DiskError,
+    fail: &Fail,
 ) -> Result<Vec<(Extent, bool)>, DiskError> {
     let path = shared.target.split('?').next().unwrap_or("/");
     let target = match len {
@@ -545,7 +336,7 @@ async fn fetch_extents(
             .expect("valid request")
     };
     let (_, _, body) = shared.call(make, fail).await?;
-    parse_items(&body).map_err(|e| fail(format!("bad extents from the server: {e}")))
+    parse_items(&body).map_err(|e| fail.protocol(format!("bad extents from the server: {e}")))
 }
 
 /// A server's extents list: zero-context items carry `zero` (and `hole`), dirty-context items
@@ -603,14 +394,15 @@ impl HttpEndpoint {
         caps.extents = info.imageio && info.has("extents");
         caps.efficient_zero = info.imageio && info.has("zero");
         caps.flush = info.imageio;
+        // Uploads are sent with flush=n, as imageio's own client does: one flush at the end
+        // makes them durable.
+        caps.needs_flush = info.imageio && info.writable;
         caps.sequential = !info.ranges;
-        caps.concurrent = info.ranges;
         caps.max_request = MAX_REQUEST;
         caps.default_request = 256 << 10;
         caps.preferred_block = 4096;
         caps.queue_depth = 64;
-        caps.stream_writes = info.imageio && info.writable;
-        caps.stream_reads = info.ranges;
+        caps.connections = Some(shared.pool.size());
         caps.dirty = info.imageio && dirty;
         HttpEndpoint {
             shared,
@@ -635,8 +427,8 @@ impl HttpEndpoint {
         self.shared.pool.size()
     }
 
-    fn fail(&self, op: Op, offset: u64, len: u64) -> impl Fn(String) -> DiskError + '_ {
-        move |cause| DiskError::new(&self.shared.name, op, cause).at(offset, len)
+    fn fail(&self, op: Op, offset: u64, len: u64) -> Fail {
+        Fail::new(&self.shared.name, op).at(offset, len)
     }
 
     async fn put(&self, offset: u64, data: Bytes, flush: bool) -> Result<(), DiskError> {
@@ -662,11 +454,7 @@ impl HttpEndpoint {
         self.shared.call(make, &fail).await.map(|_| ())
     }
 
-    async fn patch(
-        &self,
-        doc: serde_json::Value,
-        fail: &impl Fn(String) -> DiskError,
-    ) -> Result<(), DiskError> {
+    async fn patch(&self, doc: serde_json::Value, fail: &Fail) -> Result<(), DiskError> {
         let body = Bytes::from(doc.to_string());
         let make = || {
             self.shared
@@ -690,7 +478,7 @@ impl HttpEndpoint {
         reader.begin(offset, len);
         let piece = reader.read(len);
         drop(reader);
-        piece.await.map_err(|e| self.rename(e))
+        piece.await
     }
 
     /// Reads from the one GET of a server that ignores Range; reads come in order.
@@ -704,21 +492,18 @@ impl HttpEndpoint {
                 (0, reader)
             });
             if *next != offset {
-                return Err(self.fail(Op::Read, offset, len)(format!(
-                    "the server does not honour Range, so the image can only be read in order \
-                     (next offset {next})"
-                )));
+                return Err(self.fail(Op::Read, offset, len).because(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "the server does not honour Range, so the image can only be read in \
+                         order (next offset {next})"
+                    ),
+                ));
             }
             *next += len;
             stream.read(len)
         };
-        fut.await.map_err(|e| self.rename(e))
-    }
-
-    /// Errors from run tasks name the endpoint generically; give them this endpoint's name.
-    fn rename(&self, mut e: DiskError) -> DiskError {
-        e.endpoint = self.shared.name.clone();
-        e
+        fut.await
     }
 
     /// Extents of `context` ("zero" or "dirty") for [offset, offset+len), from the cache when
@@ -751,7 +536,7 @@ impl HttpEndpoint {
             _ => (offset, offset),
         };
         if start > offset || stop < end {
-            return Err(fail(format!(
+            return Err(fail.protocol(format!(
                 "the server's {context} extents cover [{start}, {stop}), not the range asked for"
             )));
         }
@@ -776,7 +561,7 @@ impl HttpEndpoint {
         }
         let path = self.shared.target.split('?').next().unwrap_or("/");
         let target = format!("{path}/checksum?algorithm={algorithm}&block_size={block_size}");
-        let fail = |cause: String| DiskError::new(&self.shared.name, Op::Read, cause);
+        let fail = Fail::new(&self.shared.name, Op::Read);
         let make = || {
             self.shared
                 .request(Method::GET, &target)
@@ -785,10 +570,10 @@ impl HttpEndpoint {
         };
         let (_, _, body) = self.shared.call(make, &fail).await?;
         let doc: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| fail(format!("bad checksum answer from the server: {e}")))?;
+            .map_err(|e| fail.protocol(format!("bad checksum answer from the server: {e}")))?;
         match doc.get("checksum").and_then(|c| c.as_str()) {
             Some(hex) => Ok(Some(hex.to_string())),
-            None => Err(fail("the server's checksum answer has no checksum".into())),
+            None => Err(fail.protocol("the server's checksum answer has no checksum")),
         }
     }
 
@@ -890,7 +675,7 @@ impl Endpoint for HttpEndpoint {
     /// one NBD connection) per HTTP connection, and a flush covers only its own.
     fn flush(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            let fail = |cause: String| DiskError::new(&self.shared.name, Op::Flush, cause);
+            let fail = Fail::new(&self.shared.name, Op::Flush);
             let count = self.shared.pool.idle_count().max(1);
             let flush_one = || async {
                 if self.info.has("flush") {
@@ -911,16 +696,28 @@ impl Endpoint for HttpEndpoint {
         Box::pin(self.dirty_extents(offset, len))
     }
 
-    fn stream_writer(&self) -> Option<Box<dyn StreamWriter>> {
-        self.caps
-            .stream_writes
-            .then(|| Box::new(RunWriter::new(self.shared.clone())) as _)
+    /// imageio servers take each data run as one streamed PUT; others get a PUT per write.
+    fn sink(&self, opts: &SinkOptions) -> Box<dyn Sink + '_> {
+        if self.info.imageio && self.info.writable {
+            Box::new(RunSink::new(
+                self,
+                RunWriter::new(self.shared.clone()),
+                opts,
+            ))
+        } else {
+            Box::new(disk::sink::RequestSink::new(self, opts))
+        }
     }
 
     fn stream_reader(&self) -> Option<Box<dyn StreamReader>> {
-        self.caps
-            .stream_reads
+        self.info
+            .ranges
             .then(|| Box::new(RunReader::new(self.shared.clone())) as _)
+    }
+
+    fn server_checksum(&self, algorithm: &str, block_size: u64) -> BoxFut<'_, Option<String>> {
+        let algorithm = algorithm.to_string();
+        Box::pin(async move { HttpEndpoint::server_checksum(self, &algorithm, block_size).await })
     }
 
     fn close(&self) -> BoxFut<'_, ()> {

@@ -5,8 +5,10 @@
 
 mod body;
 pub mod endpoint;
+mod request;
 mod stream;
 mod transport;
+mod upload;
 pub mod url;
 
 pub use endpoint::{HttpEndpoint, HttpOptions, ServerInfo, open, parse_extents};

@@ -6,19 +6,20 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use disk::{BoxFut, DiskError, Op, StreamReader, StreamWriter};
+use disk::{BoxFut, DiskError, ErrorKind, Op, StreamReader};
 use http::{Request, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::body::{ReqBody, RunState, RunWatch, StreamBody};
-use crate::endpoint::{RETRIES, Shared, retryable, status_error};
+use crate::request::{Backoff, Fail, Shared, status_error};
 
 /// One pipeline's uploads: runs are sent one after another by one task, each as one PUT.
 pub struct RunWriter {
     runs: mpsc::UnboundedSender<PutRun>,
     current: Option<OpenRun>,
+    fail: Fail,
 }
 
 struct PutRun {
@@ -39,6 +40,7 @@ struct OpenRun {
 
 impl RunWriter {
     pub(crate) fn new(shared: Arc<Shared>) -> RunWriter {
+        let name = shared.name.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<PutRun>();
         tokio::spawn(async move {
             while let Some(run) = rx.recv().await {
@@ -52,12 +54,14 @@ impl RunWriter {
         RunWriter {
             runs: tx,
             current: None,
+            fail: Fail::new(&name, Op::Write),
         }
     }
 }
 
-impl StreamWriter for RunWriter {
-    fn begin(&mut self, offset: u64, len: u64) {
+impl RunWriter {
+    /// Opens a run of `len` bytes at `offset`: one PUT, fed by the pushes that follow.
+    pub(crate) fn begin(&mut self, offset: u64, len: u64) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state: RunWatch = Arc::new(watch::Sender::new(RunState {
             handed: offset,
@@ -83,15 +87,14 @@ impl StreamWriter for RunWriter {
         });
     }
 
-    fn push(&mut self, data: Bytes) -> BoxFut<'static, ()> {
+    /// Queues the run's next piece at once (call order is stream order); resolves when the
+    /// piece has been sent or, for the run's last piece, when the run is done.
+    pub(crate) fn push(&mut self, data: Bytes) -> BoxFut<'static, ()> {
         let Some(run) = self.current.as_mut() else {
-            return Box::pin(async {
-                Err(DiskError::new(
-                    "http",
-                    Op::Write,
-                    "data pushed outside a run",
-                ))
-            });
+            let err = self
+                .fail
+                .because(ErrorKind::InvalidRequest, "data pushed outside a run");
+            return Box::pin(async move { Err(err) });
         };
         run.pushed += data.len() as u64;
         let end = run.pushed;
@@ -102,6 +105,7 @@ impl StreamWriter for RunWriter {
         if last {
             self.current = None;
         }
+        let abandoned = self.fail.because(ErrorKind::Cancelled, "upload abandoned");
         Box::pin(async move {
             let seen = state
                 .wait_for(|s| s.outcome.is_some() || (!last && s.handed >= end))
@@ -110,7 +114,7 @@ impl StreamWriter for RunWriter {
             match seen {
                 Ok(s) if !last && s.handed >= end => Ok(()),
                 Ok(s) => s.outcome.unwrap_or(Ok(())),
-                Err(_) => Err(DiskError::new("http", Op::Write, "upload abandoned")),
+                Err(_) => Err(abandoned),
             }
         })
     }
@@ -123,7 +127,7 @@ async fn put_run(
     body: StreamBody,
     state: &RunWatch,
 ) -> Result<(), DiskError> {
-    let fail = |cause: String| DiskError::new(&shared.name, Op::Write, cause).at(offset, len);
+    let fail = Fail::new(&shared.name, Op::Write).at(offset, len);
     let mut req = Request::put(shared.target_with("flush=n"))
         .header(header::HOST, &shared.host)
         .header(header::CONTENT_LENGTH, len)
@@ -132,29 +136,30 @@ async fn put_run(
             format!("bytes {}-{}/*", offset, offset + len - 1),
         )
         .body(ReqBody::Stream(body))
-        .map_err(|e| fail(e.to_string()))?;
-    let mut attempt = 0;
+        .map_err(|e| fail.because(ErrorKind::InvalidRequest, e.to_string()))?;
+    let mut backoff = Backoff::default();
     let (resp, lease) = loop {
-        let mut lease = shared
-            .pool
-            .get()
-            .await
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+        let mut lease = match shared.pool.get().await {
+            Ok(lease) => lease,
+            Err(e) => {
+                let err = fail.connect(&e);
+                if backoff.again(&err).await {
+                    continue;
+                }
+                return Err(err);
+            }
+        };
         match lease.sender.try_send_request(req).await {
             Ok(resp) => break (resp, lease),
             Err(mut e) => {
-                let reason = crate::endpoint::hyper_reason(e.error());
+                let err = fail.hyper(e.error());
                 // A request hyper hands back was never sent (a keep-alive connection the
                 // server had just closed): its body is intact and it can go again. One whose
                 // body started streaming cannot.
                 let untouched = state.borrow().handed == offset;
                 match e.take_message() {
-                    Some(back) if untouched && attempt < RETRIES && retryable(e.error()) => {
-                        attempt += 1;
-                        tracing::warn!("{}; retrying ({attempt} of {RETRIES})", fail(reason));
-                        req = back;
-                    }
-                    _ => return Err(fail(reason)),
+                    Some(back) if untouched && backoff.again(&err).await => req = back,
+                    _ => return Err(err),
                 }
             }
         }
@@ -165,7 +170,7 @@ async fn put_run(
     resp.into_body()
         .collect()
         .await
-        .map_err(|e| fail(crate::endpoint::hyper_reason(&e)))?;
+        .map_err(|e| fail.hyper(&e))?;
     lease.release();
     Ok(())
 }
@@ -175,6 +180,7 @@ async fn put_run(
 pub struct RunReader {
     runs: mpsc::UnboundedSender<GetRun>,
     current: Option<mpsc::UnboundedSender<Want>>,
+    fail: Fail,
 }
 
 struct GetRun {
@@ -187,6 +193,7 @@ struct GetRun {
 
 impl RunReader {
     pub(crate) fn new(shared: Arc<Shared>) -> RunReader {
+        let fail = Fail::new(&shared.name, Op::Read);
         let (tx, mut rx) = mpsc::unbounded_channel::<GetRun>();
         tokio::spawn(async move {
             while let Some(run) = rx.recv().await {
@@ -196,6 +203,7 @@ impl RunReader {
         RunReader {
             runs: tx,
             current: None,
+            fail,
         }
     }
 
@@ -224,7 +232,7 @@ async fn get_run(
     whole: bool,
     mut wants: mpsc::UnboundedReceiver<Want>,
 ) {
-    let fail = |cause: String| DiskError::new(&shared.name, Op::Read, cause).at(offset, len);
+    let fail = Fail::new(&shared.name, Op::Read).at(offset, len);
     let opened = async {
         let range = (!whole).then_some((offset, len));
         shared.get_range(range, &fail).await
@@ -273,10 +281,13 @@ async fn fill(
     n: u64,
     pos: u64,
     end: u64,
-    fail: &impl Fn(String) -> DiskError,
+    fail: &Fail,
 ) -> Result<Bytes, DiskError> {
     if pos + n > end {
-        return Err(fail(format!("read of {n} bytes at {pos} is past the run")));
+        return Err(fail.because(
+            ErrorKind::InvalidRequest,
+            format!("read of {n} bytes at {pos} is past the run"),
+        ));
     }
     let n = n as usize;
     // The whole piece may already be in one frame: no copy.
@@ -309,20 +320,18 @@ async fn fill(
     Ok(buf.freeze())
 }
 
-fn short(pos: u64, got: usize, n: usize, fail: &impl Fn(String) -> DiskError) -> DiskError {
-    fail(format!(
-        "the server's response ended early: {got} of {n} bytes at offset {pos}"
-    ))
+fn short(pos: u64, got: usize, n: usize, fail: &Fail) -> DiskError {
+    fail.because(
+        ErrorKind::ConnectionLost,
+        format!("the server's response ended early: {got} of {n} bytes at offset {pos}"),
+    )
 }
 
-async fn next_data(
-    body: &mut Incoming,
-    fail: &impl Fn(String) -> DiskError,
-) -> Result<Option<Bytes>, DiskError> {
+async fn next_data(body: &mut Incoming, fail: &Fail) -> Result<Option<Bytes>, DiskError> {
     loop {
         match body.frame().await {
             None => return Ok(None),
-            Some(Err(e)) => return Err(fail(crate::endpoint::hyper_reason(&e))),
+            Some(Err(e)) => return Err(fail.hyper(&e)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
@@ -345,12 +354,13 @@ impl StreamReader for RunReader {
             .current
             .as_ref()
             .is_some_and(|run| run.send((len, tx)).is_ok());
+        let fail = self.fail.clone();
         Box::pin(async move {
             if !queued {
-                return Err(DiskError::new("http", Op::Read, "read outside a run"));
+                return Err(fail.because(ErrorKind::InvalidRequest, "read outside a run"));
             }
             rx.await
-                .unwrap_or_else(|_| Err(DiskError::new("http", Op::Read, "download abandoned")))
+                .unwrap_or_else(|_| Err(fail.because(ErrorKind::Cancelled, "download abandoned")))
         })
     }
 }

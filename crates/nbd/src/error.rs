@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+pub use errkind::ErrorKind;
+
 use crate::proto::DecodeError;
-use crate::proto::consts::{command_name, errno_name, option_name, reply_error_name};
+use crate::proto::consts::{self, command_name, errno_name, option_name, reply_error_name};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -123,6 +125,29 @@ impl Error {
     /// True if the server broke the protocol.
     pub fn is_protocol(&self) -> bool {
         matches!(self, Error::Protocol(_))
+    }
+
+    /// What kind of failure this is, for callers deciding whether to retry.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => ErrorKind::from_io(source),
+            Error::Protocol(_) => ErrorKind::Protocol,
+            Error::OptionRefused { code, .. } => match *code {
+                consts::REP_ERR_UNKNOWN => ErrorKind::NotFound,
+                consts::REP_ERR_POLICY | consts::REP_ERR_TLS_REQD => ErrorKind::PermissionDenied,
+                consts::REP_ERR_UNSUP => ErrorKind::Unsupported,
+                consts::REP_ERR_INVALID | consts::REP_ERR_TOO_BIG => ErrorKind::InvalidRequest,
+                consts::REP_ERR_SHUTDOWN => ErrorKind::ConnectionLost,
+                _ => ErrorKind::Other,
+            },
+            // NBD's error values are Linux's errno values.
+            Error::Command { errno, .. } => ErrorKind::from_errno(*errno as i32),
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::InvalidArgument(_) => ErrorKind::InvalidRequest,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Closed(_) => ErrorKind::ConnectionLost,
+            Error::Tls(_) => ErrorKind::Protocol,
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
-use disk::{DiskError, Endpoint, Op};
+use disk::{DiskError, Endpoint, ErrorKind, Op};
 use nbd::proto::consts::{
     CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX,
 };
@@ -99,6 +99,7 @@ impl Backend {
                     return Err(DiskError::new(
                         &spec.url,
                         Op::Open,
+                        ErrorKind::ReadOnly,
                         "the NBD export is read-only but the ticket allows writing",
                     ));
                 }
