@@ -535,15 +535,6 @@ impl<'a> Worker<'a> {
             // A stream ended here.
             self.shared.end.fetch_min(offset + got, Ordering::Relaxed);
         }
-        if let Some(dst_size) = self.dst.caps().size
-            && offset + got > dst_size
-        {
-            // Only a stream gets here: sizes known up front were compared before the copy.
-            return Err(CopyError::DestinationTooSmall {
-                src: offset + got,
-                dst: dst_size,
-            });
-        }
         // Budget bytes of the read beyond what arrived are released now.
         permit.release_bytes(len - got);
         if let Some(observer) = &self.shared.observer {

@@ -6,6 +6,7 @@ pub mod export;
 pub mod extents;
 pub mod file;
 pub mod file_extents;
+pub mod memory;
 pub mod nbd;
 pub mod null;
 pub mod pipe;

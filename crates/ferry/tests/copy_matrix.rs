@@ -380,3 +380,33 @@ fn many_pipelines_into_one_nbd_connection_do_not_deadlock() {
     ]);
     assert_file_matches(&back, &layout);
 }
+
+/// `xzcat disk.raw.xz | ferry copy - nbd://…`: a stream into an NBD export. The work range of a
+/// stream reaches past the export's end, and asking the destination's extents for all of it
+/// used to fail the copy ("goes past the end of the export").
+#[test]
+fn stdin_pipe_to_nbdkit_memory() {
+    let dir = testutil::temp_dir();
+    for size in [64u64 << 20, 65 << 20] {
+        let image: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
+        let server = Nbdkit::new("memory").arg(&format!("size={size}")).start();
+        let uri = server.nbd_uri();
+        ferry(["copy", "-", &uri])
+            .stdin_bytes(image.clone())
+            .run()
+            .expect_ok();
+        let back = nbdcopy_read(&uri, dir.path());
+        assert_same_bytes(&back, &image, "a stream copied into nbdkit memory");
+    }
+}
+
+/// A stream longer than the export it is copied into fails, naming the destination.
+#[test]
+fn stdin_pipe_longer_than_the_nbd_export_fails() {
+    let server = Nbdkit::new("memory").arg("size=1M").start();
+    let run = ferry(["copy", "-", &server.nbd_uri()])
+        .stdin_bytes(vec![7u8; 2 << 20])
+        .run();
+    let err = run.expect_code(1);
+    assert!(err.contains(&server.nbd_uri()), "{err}");
+}
