@@ -134,26 +134,14 @@ pub enum CopyError {
         end: u64,
     },
     /// `--verify` found the destination differs from the source.
-    #[error(
-        "verification failed: the destination {dst} differs from the source {src} \
-         ({checksum}: source {src_digest}, destination {dst_digest} by {how})"
-    )]
-    VerifyMismatch {
-        src: String,
-        dst: String,
-        /// The checksum compared, e.g. `imageio blake2b/4194304`.
-        checksum: String,
-        src_digest: String,
-        dst_digest: String,
-        /// How the destination's digest was learned: read back, or its server's checksum.
-        how: String,
-    },
+    #[error("{0}")]
+    VerifyMismatch(Box<verify::Mismatch>),
     /// Hashing the copied data, or checksumming an endpoint to verify it, failed.
     #[error("{what}: {source}")]
     Checksum {
         what: &'static str,
         #[source]
-        source: blkhash::endpoint::EndpointError,
+        source: Box<blkhash::endpoint::EndpointError>,
     },
     /// A worker task panicked (a bug): the copy stops.
     #[error("a copy worker failed: {0}")]

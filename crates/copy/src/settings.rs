@@ -150,7 +150,6 @@ pub async fn run(
         .then(|| Arc::new(blkhash::Hasher::new(blkhash::Spec::imageio())));
     let blkhash_hasher = settings
         .blkhash
-        .clone()
         .map(|spec| Arc::new(blkhash::Hasher::new(spec)));
     let hashers: Vec<Arc<blkhash::Hasher>> = verify_hasher
         .iter()

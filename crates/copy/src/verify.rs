@@ -20,6 +20,23 @@ pub struct Verified {
     pub how: &'static str,
 }
 
+/// What a failed verification found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "verification failed: the destination {dst} differs from the source {src} \
+     ({checksum}: source {src_digest}, destination {dst_digest} by {how})"
+)]
+pub struct Mismatch {
+    pub src: String,
+    pub dst: String,
+    /// The checksum compared, e.g. `imageio blake2b/4194304`.
+    pub checksum: String,
+    pub src_digest: String,
+    pub dst_digest: String,
+    /// How the destination's digest was learned: read back, or its server's checksum.
+    pub how: String,
+}
+
 /// The finished digest of a hasher fed by the copy.
 pub(crate) fn digest(
     h: &blkhash::Hasher,
@@ -31,7 +48,7 @@ pub(crate) fn digest(
         .map(|d| d.to_hex())
         .map_err(|e| CopyError::Checksum {
             what,
-            source: e.into(),
+            source: Box::new(e.into()),
         })
 }
 
@@ -45,11 +62,11 @@ pub(crate) async fn verify(
     let read_opts = blkhash::endpoint::ReadOptions::default();
     let src_digest = match hashed {
         Some(h) => digest(h, size, "hashing the source")?,
-        None => blkhash::endpoint::checksum(src.clone(), spec.clone(), &read_opts)
+        None => blkhash::endpoint::checksum(src.clone(), spec, &read_opts)
             .await
-            .map_err(|source| CopyError::Checksum {
+            .map_err(|e| CopyError::Checksum {
                 what: "checksumming the source",
-                source,
+                source: Box::new(e),
             })?
             .to_hex(),
     };
@@ -57,11 +74,11 @@ pub(crate) async fn verify(
     let (dst_digest, how) = match dst.server_checksum(&algorithm, spec.block_size).await? {
         Some(hex) => (hex, "the server's checksum"),
         None => (
-            blkhash::endpoint::checksum(dst.clone(), spec.clone(), &read_opts)
+            blkhash::endpoint::checksum(dst.clone(), spec, &read_opts)
                 .await
-                .map_err(|source| CopyError::Checksum {
+                .map_err(|e| CopyError::Checksum {
                     what: "checksumming the destination",
-                    source,
+                    source: Box::new(e),
                 })?
                 .to_hex(),
             "read back",
@@ -74,14 +91,14 @@ pub(crate) async fn verify(
         spec.block_size
     );
     if dst_digest != src_digest {
-        return Err(CopyError::VerifyMismatch {
+        return Err(CopyError::VerifyMismatch(Box::new(Mismatch {
             src: src.name().to_string(),
             dst: dst.name().to_string(),
             checksum,
             src_digest,
             dst_digest,
             how: how.to_string(),
-        });
+        })));
     }
     Ok(Verified {
         checksum,
