@@ -477,6 +477,11 @@ impl<'a> Worker<'a> {
                 self.flush_zero();
                 self.sink.idle();
             }
+            if self.sink.is_empty() {
+                // The held-back work dissolved (a zero run the destination already holds):
+                // there is nothing to wait for.
+                return Ok(());
+            }
         }
         // Registered before the check, so a stop between the check and the wait still wakes us.
         let woken = self.shared.cancel.woken();

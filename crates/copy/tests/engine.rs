@@ -123,7 +123,8 @@ fn endpoints(scene: &Scene) -> Endpoints {
         .with_meter(meter.clone());
     let mut caps = Caps::random_access(0);
     caps.efficient_zero = true;
-    caps.known_zero = scene.dst_known_zero;
+    // With extents, zeroes are learned from them rather than claimed up front.
+    caps.known_zero = scene.dst_known_zero && !scene.dst_extents;
     caps.queue_depth = scene.dst_queue_depth;
     // A destination that starts with garbage unless it knows it reads as zeroes.
     let initial = if scene.dst_known_zero {
@@ -135,8 +136,14 @@ fn endpoints(scene: &Scene) -> Endpoints {
         .with_latency(scene.turns, scene.seed.rotate_left(17))
         .with_meter(meter.clone());
     if scene.dst_extents {
+        // A destination that says where it reads as zero: all of it when it is known to
+        // (the engine then asks its extents only where it must), else none of it.
         let len = image.len() as u64;
-        dst = dst.with_extents(vec![Extent::data(0, len)]);
+        dst = dst.with_extents(vec![if scene.dst_known_zero {
+            Extent::hole(0, len)
+        } else {
+            Extent::data(0, len)
+        }]);
     }
     Endpoints {
         src: Arc::new(src),
