@@ -220,6 +220,24 @@ pub async fn next_done(sink: &mut (dyn Sink + '_)) -> Option<Result<Done, DiskEr
     std::future::poll_fn(|cx| sink.poll_done(cx)).await
 }
 
+/// One zero request holding `permit` until it is done: the zero segment of every sink.
+pub fn zero_request<'a>(
+    ep: &'a dyn Endpoint,
+    offset: u64,
+    len: u64,
+    allocate: bool,
+    permit: Permit,
+) -> BoxFut<'a, Done> {
+    Box::pin(async move {
+        ep.zero(offset, len, allocate).await?;
+        drop(permit);
+        Ok(Done {
+            written: 0,
+            zeroed: len,
+        })
+    })
+}
+
 /// The sink of endpoints that take requests one by one (files, NBD, pipes): each data segment
 /// becomes writes of at most the request size, each zero segment one zero request.
 pub struct RequestSink<'a> {
@@ -248,15 +266,8 @@ impl Sink for RequestSink<'_> {
                 if len == 0 {
                     return;
                 }
-                let (allocate, permit, at) = (self.allocate, seg.permit, seg.offset);
-                self.inflight.push(Box::pin(async move {
-                    ep.zero(at, len, allocate).await?;
-                    drop(permit);
-                    Ok(Done {
-                        written: 0,
-                        zeroed: len,
-                    })
-                }));
+                let zero = zero_request(ep, seg.offset, len, self.allocate, seg.permit);
+                self.inflight.push(zero);
             }
             Body::Data(data) => {
                 let step = self.request as usize;

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
-use disk::sink::{Body, Done, Segment, Sink, SinkOptions};
+use disk::sink::{Body, Done, Segment, Sink, SinkOptions, zero_request};
 use disk::{BoxFut, DiskError, Endpoint};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -48,16 +48,9 @@ impl<'a> RunSink<'a> {
     }
 
     fn send_zero(&mut self, seg: Segment) {
-        let (ep, allocate, at, len) = (self.endpoint, self.allocate, seg.offset, seg.len());
-        let permit = seg.permit;
-        self.inflight.push(Box::pin(async move {
-            ep.zero(at, len, allocate).await?;
-            drop(permit);
-            Ok(Done {
-                written: 0,
-                zeroed: len,
-            })
-        }));
+        let len = seg.len();
+        let zero = zero_request(self.endpoint, seg.offset, len, self.allocate, seg.permit);
+        self.inflight.push(zero);
     }
 
     /// Sends what is ready: zero runs as zero requests, and each run of contiguous data as
