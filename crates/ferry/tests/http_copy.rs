@@ -583,6 +583,31 @@ fn progress_json_for_an_http_destination() {
     assert_eq!(last, size, "the last report is 100%:\n{}", run.stderr);
 }
 
+/// A pipe into an imageio URL: the source's size is learned only at its end, so every run is
+/// sent once its data has been read, and the copy is flushed at the end. Garbage in the
+/// destination proves the zero runs found in the stream were written too.
+#[test]
+fn stdin_pipe_to_ferry_serve_and_the_daemon() {
+    let dir = testutil::temp_dir();
+    let d = dir.path();
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let daemon = ImageioServer::daemon(&ServerOptions::default());
+    let (_, expected) = sample(d);
+    let size = expected.len() as u64;
+    for (name, server) in [("serve", &serve), ("daemon", &daemon)] {
+        let id = format!("pipe-{name}");
+        let dst = d.join(format!("{id}.raw"));
+        make_image(&dst, size, Start::Garbage);
+        install(server, &id, &dst, size, Backend::File, &["write"], false);
+        let run = ferry(["copy", "-", &server.url(&id)])
+            .env("RUST_LOG", "warn")
+            .stdin_bytes(expected.clone())
+            .run();
+        expect_ok(&run, server);
+        assert_same_bytes(&std::fs::read(&dst).unwrap(), &expected, name);
+    }
+}
+
 // ---------------------------------------------------------------- errors
 
 #[test]
