@@ -1,41 +1,28 @@
-//! Request bodies: nothing, one buffer, or a stream of pieces pushed by the copy engine into a
-//! channel and handed to hyper in order, with the run's progress published as pieces go out.
+//! Request bodies: nothing, one buffer, or a run's pieces handed to hyper in order. Bodies are
+//! rebuilt from kept buffers for every attempt, so a request can always be sent again.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use disk::DiskError;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::sync::{mpsc, watch};
-
-/// Where a streamed run stands: bytes handed to the connection (as an absolute offset), and
-/// the outcome once the request is over.
-#[derive(Debug, Clone, Default)]
-pub struct RunState {
-    pub handed: u64,
-    pub outcome: Option<Result<(), DiskError>>,
-}
-
-pub type RunWatch = Arc<watch::Sender<RunState>>;
 
 pub enum ReqBody {
     Empty,
     Full(Option<Bytes>),
-    Stream(StreamBody),
-}
-
-pub struct StreamBody {
-    pub pieces: mpsc::UnboundedReceiver<Bytes>,
-    pub remaining: u64,
-    pub state: RunWatch,
+    /// A run's pieces, sent in order as they are (clones of the engine's buffers).
+    Pieces(VecDeque<Bytes>),
 }
 
 impl ReqBody {
     pub fn full(data: Bytes) -> ReqBody {
         ReqBody::Full(Some(data))
+    }
+
+    pub fn pieces(pieces: &[Bytes]) -> ReqBody {
+        ReqBody::Pieces(pieces.iter().filter(|p| !p.is_empty()).cloned().collect())
     }
 }
 
@@ -45,35 +32,12 @@ impl Body for ReqBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBody::Stream(s) => {
-                if s.remaining == 0 {
-                    return Poll::Ready(None);
-                }
-                match s.pieces.poll_recv(cx) {
-                    Poll::Pending => Poll::Pending,
-                    // The sender went away before the run was complete: the copy stopped. The
-                    // error makes hyper abort the request rather than send a short body.
-                    Poll::Ready(None) => Poll::Ready(Some(Err(io::Error::other(
-                        "the data stream ended before the run was complete",
-                    )))),
-                    Poll::Ready(Some(piece)) => {
-                        let n = piece.len() as u64;
-                        if n > s.remaining {
-                            return Poll::Ready(Some(Err(io::Error::other(
-                                "more data pushed than the run holds",
-                            ))));
-                        }
-                        s.remaining -= n;
-                        s.state.send_modify(|st| st.handed += n);
-                        Poll::Ready(Some(Ok(Frame::data(piece))))
-                    }
-                }
-            }
+            ReqBody::Pieces(pieces) => Poll::Ready(pieces.pop_front().map(|p| Ok(Frame::data(p)))),
         }
     }
 
@@ -81,7 +45,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Full(data) => data.is_none(),
-            ReqBody::Stream(s) => s.remaining == 0,
+            ReqBody::Pieces(pieces) => pieces.is_empty(),
         }
     }
 
@@ -91,7 +55,9 @@ impl Body for ReqBody {
             ReqBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ReqBody::Stream(s) => SizeHint::with_exact(s.remaining),
+            ReqBody::Pieces(pieces) => {
+                SizeHint::with_exact(pieces.iter().map(|p| p.len() as u64).sum())
+            }
         }
     }
 }

@@ -193,16 +193,26 @@ impl Shared {
         }
     }
 
-    /// A request with a small answer: sends it (with retries), reads the body, checks for 2xx.
+    /// A request with a small answer: sends it (with retries, also after a 5xx answer), reads
+    /// the body, checks for 2xx. Only for requests that may be repeated.
     pub async fn call(
         &self,
         make: impl Fn() -> Request<ReqBody>,
         fail: &Fail,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), DiskError> {
-        let (resp, lease) = self.send(make, fail).await?;
-        if !resp.status().is_success() {
-            return Err(status_error(resp, fail).await);
-        }
+        let mut backoff = Backoff::default();
+        let (resp, lease) = loop {
+            let (resp, lease) = self.send(&make, fail).await?;
+            if resp.status().is_success() {
+                break (resp, lease);
+            }
+            // A server error (5xx) may pass; the request is sent again like one whose
+            // connection broke. 4xx answers are final.
+            let err = status_error(resp, fail).await;
+            if !backoff.again(&err).await {
+                return Err(err);
+            }
+        };
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.map_err(|e| fail.hyper(&e))?.to_bytes();
         lease.release();

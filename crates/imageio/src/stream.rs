@@ -1,122 +1,89 @@
-//! Streamed runs. An upload run is one `PUT` whose body is fed piece by piece as the copy
-//! engine's reads complete (in order); a download run is one ranged `GET` whose body is cut into
+//! Streamed runs. An upload run is one `PUT` whose body is the run's pieces as the copy engine
+//! read them (no copy into one buffer); a download run is one ranged `GET` whose body is cut into
 //! the pieces the engine asks for. Each run owns one pooled connection while it lasts, so the
 //! request size on the wire is decoupled from the source's and destination's request sizes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use disk::{BoxFut, DiskError, ErrorKind, Op, StreamReader};
 use http::{Request, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::body::{ReqBody, RunState, RunWatch, StreamBody};
-use crate::request::{Backoff, Fail, Shared, status_error};
+use crate::body::ReqBody;
+use crate::request::{Fail, Shared};
 
 /// One pipeline's uploads: runs are sent one after another by one task, each as one PUT.
+/// A run's pieces are kept until the server has answered, so a run whose connection broke (or
+/// that a server failed with a 5xx) goes again whole, under the one retry policy.
 pub struct RunWriter {
     runs: mpsc::UnboundedSender<PutRun>,
-    current: Option<OpenRun>,
+    /// Set when the copy stops: runs not yet started are dropped instead of sent.
+    abandoned: Arc<AtomicBool>,
     fail: Fail,
 }
 
 struct PutRun {
     offset: u64,
-    len: u64,
-    body: StreamBody,
-    state: RunWatch,
-}
-
-/// The run being pushed to.
-struct OpenRun {
-    pieces: mpsc::UnboundedSender<Bytes>,
-    state: RunWatch,
-    /// Absolute offset after the last piece pushed.
-    pushed: u64,
-    end: u64,
+    pieces: Vec<Bytes>,
+    done: oneshot::Sender<Result<(), DiskError>>,
 }
 
 impl RunWriter {
     pub(crate) fn new(shared: Arc<Shared>) -> RunWriter {
-        let name = shared.name.clone();
+        let fail = Fail::new(&shared.name, Op::Write);
+        let abandoned = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel::<PutRun>();
+        let stop = abandoned.clone();
         tokio::spawn(async move {
             while let Some(run) = rx.recv().await {
-                let result = put_run(&shared, run.offset, run.len, run.body, &run.state).await;
+                let len: u64 = run.pieces.iter().map(|p| p.len() as u64).sum();
+                let result = if stop.load(Ordering::Relaxed) {
+                    Err(Fail::new(&shared.name, Op::Write)
+                        .at(run.offset, len)
+                        .because(ErrorKind::Cancelled, "upload abandoned"))
+                } else {
+                    put_run(&shared, run.offset, len, &run.pieces).await
+                };
                 if let Err(e) = &result {
                     tracing::debug!("{e}");
                 }
-                run.state.send_modify(|s| s.outcome = Some(result));
+                let _ = run.done.send(result);
             }
         });
         RunWriter {
             runs: tx,
-            current: None,
-            fail: Fail::new(&name, Op::Write),
+            abandoned,
+            fail,
         }
     }
-}
 
-impl RunWriter {
-    /// Opens a run of `len` bytes at `offset`: one PUT, fed by the pushes that follow.
-    pub(crate) fn begin(&mut self, offset: u64, len: u64) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let state: RunWatch = Arc::new(watch::Sender::new(RunState {
-            handed: offset,
-            outcome: None,
-        }));
-        let body = StreamBody {
-            pieces: rx,
-            remaining: len,
-            state: state.clone(),
-        };
-        // A send fails only when the task is gone (runtime shutdown); pushes then report it.
+    /// Queues `pieces`, contiguous from `offset`, as one PUT sent after the runs queued before
+    /// it; resolves when the server has answered it.
+    pub(crate) fn send(&self, offset: u64, pieces: Vec<Bytes>) -> BoxFut<'static, ()> {
+        let (done, answer) = oneshot::channel();
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        let lost = self
+            .fail
+            .clone()
+            .at(offset, len)
+            .because(ErrorKind::Cancelled, "upload abandoned");
+        // A send fails only when the task is gone (runtime shutdown): the answer says so.
         let _ = self.runs.send(PutRun {
             offset,
-            len,
-            body,
-            state: state.clone(),
+            pieces,
+            done,
         });
-        self.current = Some(OpenRun {
-            pieces: tx,
-            state,
-            pushed: offset,
-            end: offset + len,
-        });
+        Box::pin(async move { answer.await.unwrap_or(Err(lost)) })
     }
 
-    /// Queues the run's next piece at once (call order is stream order); resolves when the
-    /// piece has been sent or, for the run's last piece, when the run is done.
-    pub(crate) fn push(&mut self, data: Bytes) -> BoxFut<'static, ()> {
-        let Some(run) = self.current.as_mut() else {
-            let err = self
-                .fail
-                .because(ErrorKind::InvalidRequest, "data pushed outside a run");
-            return Box::pin(async move { Err(err) });
-        };
-        run.pushed += data.len() as u64;
-        let end = run.pushed;
-        let last = end >= run.end;
-        // A send fails only when the request is already over; its outcome says why.
-        let _ = run.pieces.send(data);
-        let mut state = run.state.subscribe();
-        if last {
-            self.current = None;
-        }
-        let abandoned = self.fail.because(ErrorKind::Cancelled, "upload abandoned");
-        Box::pin(async move {
-            let seen = state
-                .wait_for(|s| s.outcome.is_some() || (!last && s.handed >= end))
-                .await
-                .map(|s| s.clone());
-            match seen {
-                Ok(s) if !last && s.handed >= end => Ok(()),
-                Ok(s) => s.outcome.unwrap_or(Ok(())),
-                Err(_) => Err(abandoned),
-            }
-        })
+    /// Runs queued and not yet started are dropped (the copy stopped); the one on the wire
+    /// finishes, so the destination is left in a known state.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Relaxed);
     }
 }
 
@@ -124,55 +91,23 @@ async fn put_run(
     shared: &Shared,
     offset: u64,
     len: u64,
-    body: StreamBody,
-    state: &RunWatch,
+    pieces: &[Bytes],
 ) -> Result<(), DiskError> {
     let fail = Fail::new(&shared.name, Op::Write).at(offset, len);
-    let mut req = Request::put(shared.target_with("flush=n"))
-        .header(header::HOST, &shared.host)
-        .header(header::CONTENT_LENGTH, len)
-        .header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/*", offset, offset + len - 1),
-        )
-        .body(ReqBody::Stream(body))
-        .map_err(|e| fail.because(ErrorKind::InvalidRequest, e.to_string()))?;
-    let mut backoff = Backoff::default();
-    let (resp, lease) = loop {
-        let mut lease = match shared.pool.get().await {
-            Ok(lease) => lease,
-            Err(e) => {
-                let err = fail.connect(&e);
-                if backoff.again(&err).await {
-                    continue;
-                }
-                return Err(err);
-            }
-        };
-        match lease.sender.try_send_request(req).await {
-            Ok(resp) => break (resp, lease),
-            Err(mut e) => {
-                let err = fail.hyper(e.error());
-                // A request hyper hands back was never sent (a keep-alive connection the
-                // server had just closed): its body is intact and it can go again. One whose
-                // body started streaming cannot.
-                let untouched = state.borrow().handed == offset;
-                match e.take_message() {
-                    Some(back) if untouched && backoff.again(&err).await => req = back,
-                    _ => return Err(err),
-                }
-            }
-        }
+    let make = || {
+        Request::put(shared.target_with("flush=n"))
+            .header(header::HOST, &shared.host)
+            .header(header::CONTENT_LENGTH, len)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/*", offset, offset + len - 1),
+            )
+            .body(ReqBody::pieces(pieces))
+            .expect("valid request")
     };
-    if !resp.status().is_success() {
-        return Err(status_error(resp, &fail).await);
-    }
-    resp.into_body()
-        .collect()
-        .await
-        .map_err(|e| fail.hyper(&e))?;
-    lease.release();
-    Ok(())
+    // `call` sends again (from the pieces kept here) when the connection breaks or the server
+    // answers 5xx: a PUT at an offset is idempotent.
+    shared.call(make, &fail).await.map(|_| ())
 }
 
 /// One pipeline's downloads: runs are fetched one after another by one task, each as one

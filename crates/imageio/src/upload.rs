@@ -1,5 +1,5 @@
 //! How an imageio upload turns the engine's ordered segments into requests ([`RunSink`]): each
-//! contiguous run of data becomes one streamed `PUT ?flush=n`, sent once the run has ended (at
+//! contiguous run of data becomes one `PUT ?flush=n` of its pieces, sent once the run has ended (at
 //! a long zero gap or a break) or grown to the commit size; long zero runs become zero
 //! requests (`PATCH zero`); short zero runs between data travel inside the PUT as zero bytes,
 //! since ending the PUT there would cost two requests to save less than they cost. All the
@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
-use disk::sink::{Body, Done, Segment, Sink, SinkOptions, zero_request};
+use disk::sink::{Body, Done, Permit, Segment, Sink, SinkOptions, zero_request};
 use disk::{BoxFut, DiskError, Endpoint};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -98,25 +98,25 @@ impl<'a> RunSink<'a> {
             let Some(writer) = self.writer.as_mut() else {
                 return;
             };
-            writer.begin(start, end - start);
+            let mut permit = Permit::none();
+            let mut pieces = Vec::with_capacity(count);
             for seg in self.pending.drain(..count) {
-                let data = match seg.body {
+                pieces.push(match seg.body {
                     Body::Data(data) => data,
                     // Zero bytes come from shared memory.
                     Body::Zero(n) => disk::endpoint::zero_bytes(n as usize),
-                };
-                let n = data.len() as u64;
-                let piece = writer.push(data);
-                let permit = seg.permit;
-                self.inflight.push(Box::pin(async move {
-                    piece.await?;
-                    drop(permit);
-                    Ok(Done {
-                        written: n,
-                        zeroed: 0,
-                    })
-                }));
+                });
+                permit.merge(seg.permit);
             }
+            // The run's budget is held until the server has answered: its pieces are kept
+            // that long, to be sent again if the PUT must be.
+            let put = writer.send(start, pieces);
+            let written = end - start;
+            self.inflight.push(Box::pin(async move {
+                put.await?;
+                drop(permit);
+                Ok(Done { written, zeroed: 0 })
+            }));
         }
     }
 }
@@ -146,7 +146,9 @@ impl Sink for RunSink<'_> {
         // An unfinished run is abandoned: its PUT fails instead of waiting for data that will
         // not come, and what was held back is released.
         self.pending.clear();
-        self.writer = None;
+        if let Some(writer) = self.writer.take() {
+            writer.abandon();
+        }
     }
 
     fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Done, DiskError>>> {
