@@ -10,6 +10,7 @@ pub mod memory;
 pub mod nbd;
 pub mod null;
 pub mod pipe;
+pub mod retry;
 pub mod sink;
 pub mod sparse;
 pub mod subprocess;

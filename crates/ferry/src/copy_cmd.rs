@@ -15,6 +15,7 @@ use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
 use disk::null::NullEndpoint;
 use disk::pipe::PipeEndpoint;
+use disk::retry::RetryPolicy;
 use disk::subprocess::SubprocessEndpoint;
 
 use crate::endpoint::{NbdArgs, subprocess_argv};
@@ -109,7 +110,7 @@ pub struct CopyArgs {
 }
 
 /// Flags of HTTP endpoints (imageio URLs and plain https sources).
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct HttpArgs {
     /// PEM file of CA certificates that sign an https server's certificate.
     #[arg(long, value_name = "FILE")]
@@ -120,6 +121,13 @@ pub struct HttpArgs {
     /// Always use TCP, even when an imageio server on this host offers its Unix socket.
     #[arg(long)]
     pub no_unix_socket: bool,
+    /// Retries of an HTTP request that failed on the way (a broken connection, a 5xx answer);
+    /// 0 turns retries off.
+    #[arg(long, value_name = "N", default_value_t = RetryPolicy::default().attempts)]
+    pub retries: u32,
+    /// Seconds after a request first failed in which retries may start.
+    #[arg(long, value_name = "SECONDS", default_value_t = RetryPolicy::default().timeout.as_secs())]
+    pub retry_timeout: u64,
 }
 
 impl HttpArgs {
@@ -131,6 +139,10 @@ impl HttpArgs {
             write,
             unix_socket: !self.no_unix_socket,
             dirty: false,
+            retry: RetryPolicy {
+                attempts: self.retries,
+                timeout: std::time::Duration::from_secs(self.retry_timeout),
+            },
         }
     }
 }

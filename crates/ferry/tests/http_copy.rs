@@ -767,7 +767,7 @@ fn a_streamed_put_cut_off_goes_again_from_the_data_kept() {
     let offset = cut.lock().unwrap().expect("a data PUT was cut");
     let warn = stderr
         .lines()
-        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 3)"))
+        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 10)"))
         .unwrap_or_else(|| panic!("no retry warning: {stderr}"));
     assert!(
         warn.contains(&format!("at offset {offset} ")),
@@ -778,6 +778,42 @@ fn a_streamed_put_cut_off_goes_again_from_the_data_kept() {
         &layout.expected(),
         "image after a PUT sent again",
     );
+}
+
+/// `--retries 0`: the same cut fails the copy, naming the offset, without a retry.
+#[test]
+fn without_retries_a_cut_put_fails_naming_its_offset() {
+    let dir = testutil::temp_dir();
+    let (raw, layout) = make_sample(dir.path(), "sample.raw");
+    let server = old_daemon(vec![GARBAGE; layout.size() as usize]);
+    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
+    {
+        let cut = cut.clone();
+        let layout = layout.clone();
+        server.cut_when(Cut::BeforeAnswer, move |r| {
+            let hit = r.method == "PUT"
+                && r.length > 0
+                && r.offset.is_some_and(|o| o > 0 && !in_hole(&layout, o));
+            if hit {
+                *cut.lock().unwrap() = r.offset;
+            }
+            hit
+        });
+    }
+    let run = copy(
+        &["--retries", "0"],
+        raw.to_str().unwrap(),
+        &server.url("/images/cut"),
+    );
+    let stderr = run.expect_code(1);
+    cut.lock().unwrap().expect("a data PUT was cut");
+    // The first request the cut broke is reported (the run, or a request that shared its
+    // connection), with its offset, and nothing was retried.
+    assert!(
+        stderr.contains(&format!("{} at offset ", server.url("/images/cut"))),
+        "the error names the request and its offset: {stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
 }
 
 #[test]
@@ -806,7 +842,7 @@ fn a_small_put_cut_off_is_retried() {
     let offset = cut.lock().unwrap().expect("a zero PUT was cut");
     let warn = stderr
         .lines()
-        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 3)"))
+        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 10)"))
         .unwrap_or_else(|| panic!("no retry warning: {stderr}"));
     assert!(
         warn.contains(&format!("at offset {offset} ")),
@@ -848,7 +884,7 @@ fn a_get_cut_off_is_retried() {
     let offset = cut.lock().unwrap().expect("a GET was cut");
     let warn = stderr
         .lines()
-        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 3)"))
+        .find(|l| l.contains("WARN") && l.contains("retrying (1 of 10)"))
         .unwrap_or_else(|| panic!("no retry warning: {stderr}"));
     assert!(
         warn.contains(&format!("at offset {offset} ")),
@@ -963,8 +999,15 @@ fn a_put_answered_with_500_fails_with_the_status_message_and_offset() {
             put_error: Some((500, "the disk is on fire".into())),
         },
     );
-    let run = copy(&[], raw.to_str().unwrap(), &server.url("/images/fire"));
+    // A 5xx is retried like a broken connection; one retry keeps the test short.
+    let run = copy(
+        &["--retries", "1"],
+        raw.to_str().unwrap(),
+        &server.url("/images/fire"),
+    );
     let stderr = run.expect_code(1);
+    assert!(stderr.contains("(after 2 attempts)"), "{stderr}");
+    assert!(stderr.contains("retrying (1 of 1)"), "{stderr}");
     assert!(
         stderr.contains("HTTP 500 Internal Server Error: the disk is on fire"),
         "{stderr}"

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use disk::retry::RetryPolicy;
 use disk::sink::{Sink, SinkOptions};
 use disk::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Extent, Op, StreamReader};
 use http::{Method, StatusCode, header};
@@ -45,6 +46,8 @@ pub struct HttpOptions {
     pub unix_socket: bool,
     /// The copy is incremental: the server's dirty extents say what changed.
     pub dirty: bool,
+    /// How requests that fail on the way (connections, 5xx) are retried.
+    pub retry: RetryPolicy,
 }
 
 impl Default for HttpOptions {
@@ -56,6 +59,7 @@ impl Default for HttpOptions {
             write: false,
             unix_socket: true,
             dirty: false,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -133,6 +137,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         host: parsed.authority(),
         target: parsed.target.clone(),
         pool: Pool::new(transport.clone(), 1),
+        retry: opts.retry,
     });
     let (options, allow) = probe_options(&shared, &fail).await?;
     let mut info = ServerInfo {

@@ -1,6 +1,7 @@
 //! The request layer every HTTP endpoint call goes through: the connection pool's shared
-//! state, the one retry policy ([`Backoff`]), and the errors of a request ([`Fail`]), which name
-//! the endpoint, the operation and the range, and classify the failure into an [`ErrorKind`].
+//! state, retries under the endpoints' one rule ([`disk::retry`]), and the errors of a request
+//! ([`Fail`]), which name the endpoint, the operation and the range, and classify the failure
+//! into an [`ErrorKind`].
 //!
 //! Nothing here knows about runs or extents; `endpoint` and `stream` build on it, and neither
 //! imports the other.
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use disk::retry::{Backoff, RetryPolicy};
 use disk::{DiskError, ErrorKind, Op};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -17,8 +19,6 @@ use hyper::body::Incoming;
 use crate::body::ReqBody;
 use crate::transport::{Lease, Pool};
 
-/// Attempts after the first for a request whose failure may pass (a broken connection).
-pub(crate) const RETRIES: usize = 3;
 /// Error bodies longer than this are cut in messages.
 const MAX_MESSAGE: usize = 300;
 
@@ -85,36 +85,6 @@ impl std::fmt::Display for HyperError {
 
 impl std::error::Error for HyperError {}
 
-/// The one retry policy of HTTP requests: retryable failures (decided from the error's kind)
-/// go again after an exponential backoff with jitter, at most [`RETRIES`] times; each retry
-/// is logged with the endpoint, operation and range.
-#[derive(Debug, Default)]
-pub(crate) struct Backoff {
-    attempt: usize,
-}
-
-impl Backoff {
-    /// After a failed attempt: true (having logged it and waited) when it may go again.
-    pub async fn again(&mut self, err: &DiskError) -> bool {
-        if !err.is_retryable() || self.attempt >= RETRIES {
-            return false;
-        }
-        self.attempt += 1;
-        tracing::warn!("{err}; retrying ({} of {RETRIES})", self.attempt);
-        let base = 50u64 << self.attempt;
-        tokio::time::sleep(Duration::from_millis(base + jitter(base / 2))).await;
-        true
-    }
-}
-
-/// A pseudo-random delay below `max` ms, so clients that broke together do not retry together.
-fn jitter(max: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    nanos % max.max(1)
-}
-
 /// State the endpoint shares with the tasks of its streamed runs.
 pub(crate) struct Shared {
     pub name: String,
@@ -122,6 +92,7 @@ pub(crate) struct Shared {
     /// The image's path (and the URL's query, if any).
     pub target: String,
     pub pool: Arc<Pool>,
+    pub retry: RetryPolicy,
 }
 
 impl Shared {
@@ -178,7 +149,7 @@ impl Shared {
         make: impl Fn() -> Request<ReqBody>,
         fail: &Fail,
     ) -> Result<(Response<Incoming>, Lease), DiskError> {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(self.retry);
         loop {
             let err = match self.pool.get().await {
                 Err(e) => fail.connect(&e),
@@ -188,7 +159,7 @@ impl Shared {
                 },
             };
             if !backoff.again(&err).await {
-                return Err(err);
+                return Err(backoff.give_up(err));
             }
         }
     }
@@ -200,7 +171,7 @@ impl Shared {
         make: impl Fn() -> Request<ReqBody>,
         fail: &Fail,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), DiskError> {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::new(self.retry);
         let (resp, lease) = loop {
             let (resp, lease) = self.send(&make, fail).await?;
             if resp.status().is_success() {
@@ -210,7 +181,7 @@ impl Shared {
             // connection broke. 4xx answers are final.
             let err = status_error(resp, fail).await;
             if !backoff.again(&err).await {
-                return Err(err);
+                return Err(backoff.give_up(err));
             }
         };
         let (parts, body) = resp.into_parts();
