@@ -3,9 +3,9 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use disk::sink::next_done;
@@ -16,10 +16,11 @@ use disk::{
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 
+use crate::journal::RangeSet;
 use crate::plan::{Step, needs_zeroing, plan};
 use crate::sparse;
 use crate::{
-    Cancel, CopyError, CopyOptions, DestinationZero, Job, Progress, SourceObserver, Stats,
+    Cancel, CopyError, CopyOptions, DestinationZero, Job, Progress, Resume, SourceObserver, Stats,
 };
 
 /// Source offset not yet known to be past the end (streams learn their size by reading).
@@ -46,6 +47,14 @@ struct Shared {
     written: AtomicU64,
     zeroed: AtomicU64,
     skipped: AtomicU64,
+    /// Resuming: what an earlier run completed (not copied again), and where progress goes.
+    resume: Option<Resume>,
+    /// Ranges complete on the destination (acknowledged, or needing no work), for the journal.
+    completed: Mutex<RangeSet>,
+    /// Bytes added to `completed` so far.
+    completed_bytes: AtomicU64,
+    /// The workers are done: the checkpointer stops.
+    finished: AtomicBool,
 }
 
 impl Shared {
@@ -68,6 +77,35 @@ impl Shared {
         self.cancel.wake();
     }
 
+    /// [start, end) holds what the source holds (for the journal).
+    fn complete(&self, start: u64, end: u64) {
+        if self.resume.is_none() || start >= end {
+            return;
+        }
+        self.completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(start, end);
+        self.completed_bytes
+            .fetch_add(end - start, Ordering::Relaxed);
+    }
+
+    /// Makes what is complete durable (a destination flush), then records it in the journal.
+    /// Ranges completed during the flush wait for the next checkpoint.
+    async fn checkpoint(&self) -> Result<(), CopyError> {
+        let Some(resume) = &self.resume else {
+            return Ok(());
+        };
+        let snapshot = self
+            .completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.dst.flush().await?;
+        resume.journal.write(&snapshot)?;
+        Ok(())
+    }
+
     fn next_range(&self) -> Option<(u64, u64)> {
         let start = self.cursor.fetch_add(self.work_size, Ordering::Relaxed);
         let end = self.end.load(Ordering::Relaxed);
@@ -86,7 +124,10 @@ pub async fn copy(
     cancel: Cancel,
 ) -> Result<Stats, CopyError> {
     let started = Instant::now();
-    let (src, dst, observer) = (job.src, job.dst, job.observer);
+    let (src, dst, observer, resume) = (job.src, job.dst, job.observer, job.resume);
+    // Resuming into what an earlier run wrote: the destination holds data, like the previous
+    // copy of an incremental one.
+    let resumed = resume.as_ref().is_some_and(|r| !r.done.is_empty());
     let dst_caps = dst.caps().clone();
     if opts.incremental && !src.caps().dirty {
         return Err(CopyError::NoDirtyExtents(src.name().to_string()));
@@ -122,7 +163,7 @@ pub async fn copy(
         (true, DestinationZero::Asserted)
     } else if opts.allocated || dst_caps.sequential {
         (false, DestinationZero::Unknown)
-    } else if opts.incremental {
+    } else if opts.incremental || resumed {
         // The destination holds the previous copy: nothing about it may be assumed, and it
         // must never be zeroed as a whole.
         if dst_caps.extents {
@@ -164,6 +205,14 @@ pub async fn copy(
         written: AtomicU64::new(0),
         zeroed: AtomicU64::new(0),
         skipped: AtomicU64::new(0),
+        completed: Mutex::new(resume.as_ref().map(|r| r.done.clone()).unwrap_or_default()),
+        completed_bytes: AtomicU64::new(0),
+        resume,
+        finished: AtomicBool::new(false),
+    });
+    let checkpointer = shared.resume.is_some().then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move { checkpoints(&shared).await })
     });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
@@ -173,6 +222,17 @@ pub async fn copy(
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
             shared.fail(CopyError::Worker(e.to_string()));
+        }
+    }
+    shared.finished.store(true, Ordering::Relaxed);
+    if let Some(task) = checkpointer {
+        let _ = task.await;
+    }
+    if shared.resume.is_some() && shared.stopped() {
+        // Interrupted or failed: what completed is kept for the next run, if the destination
+        // can still make it durable.
+        if let Err(e) = shared.checkpoint().await {
+            tracing::warn!("the last checkpoint of the journal failed: {e}");
         }
     }
     if let Some(err) = shared
@@ -191,8 +251,11 @@ pub async fn copy(
         shared.dst.set_size(size).await?;
         shared.progress.set_size(size.max(1));
     }
-    if shared.opts.flush {
+    if shared.opts.flush || shared.resume.is_some() {
         shared.dst.flush().await?;
+    }
+    if let Some(resume) = &shared.resume {
+        resume.journal.finish()?;
     }
     Ok(Stats {
         size,
@@ -296,43 +359,64 @@ impl<'a> Worker<'a> {
     }
 
     async fn copy_ranges(&mut self) -> Result<(), CopyError> {
-        let opts = &self.shared.opts;
-        while let Some((start, end)) = self.shared.next_range() {
+        let shared = self.shared;
+        while let Some((start, end)) = shared.next_range() {
+            // A resumed copy does only what the journal does not record as done.
+            let todo = match &shared.resume {
+                Some(resume) => {
+                    let gaps = resume.done.gaps(start, end);
+                    let left: u64 = gaps.iter().map(|(s, e)| e - s).sum();
+                    shared
+                        .skipped
+                        .fetch_add(end - start - left, Ordering::Relaxed);
+                    shared.progress.add(end - start - left);
+                    gaps
+                }
+                None => vec![(start, end)],
+            };
+            for (s, t) in todo {
+                if shared.stopped() {
+                    return Ok(());
+                }
+                if shared.opts.incremental {
+                    self.copy_dirty(s, t).await?;
+                } else {
+                    self.copy_range(s, t).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Incremental: only what changed since the checkpoint is copied; clean ranges are left as
+    /// they are on the destination.
+    async fn copy_dirty(&mut self, start: u64, end: u64) -> Result<(), CopyError> {
+        let src = self.src;
+        let changes = self.drive(src.dirty(start, end - start)).await??;
+        let extents: Vec<Extent> = changes.iter().map(|(e, _)| *e).collect();
+        check_coverage(self.src.name(), &extents, start, end)?;
+        let mut dirty: Vec<(u64, u64)> = Vec::new();
+        for (e, is_dirty) in changes {
+            let (s, t) = (e.offset.max(start), e.end().min(end));
+            if s >= t {
+                continue;
+            }
+            if !is_dirty {
+                self.shared.skipped.fetch_add(t - s, Ordering::Relaxed);
+                self.shared.progress.add(t - s);
+                self.shared.complete(s, t);
+                continue;
+            }
+            match dirty.last_mut() {
+                Some(last) if last.1 == s => last.1 = t,
+                _ => dirty.push((s, t)),
+            }
+        }
+        for (s, t) in dirty {
             if self.shared.stopped() {
                 return Ok(());
             }
-            if !opts.incremental {
-                self.copy_range(start, end).await?;
-                continue;
-            }
-            // Incremental: only what changed since the checkpoint is copied; clean ranges are
-            // left as they are on the destination.
-            let src = self.src;
-            let changes = self.drive(src.dirty(start, end - start)).await??;
-            let extents: Vec<Extent> = changes.iter().map(|(e, _)| *e).collect();
-            check_coverage(self.src.name(), &extents, start, end)?;
-            let mut dirty: Vec<(u64, u64)> = Vec::new();
-            for (e, is_dirty) in changes {
-                let (s, t) = (e.offset.max(start), e.end().min(end));
-                if s >= t {
-                    continue;
-                }
-                if !is_dirty {
-                    self.shared.skipped.fetch_add(t - s, Ordering::Relaxed);
-                    self.shared.progress.add(t - s);
-                    continue;
-                }
-                match dirty.last_mut() {
-                    Some(last) if last.1 == s => last.1 = t,
-                    _ => dirty.push((s, t)),
-                }
-            }
-            for (s, t) in dirty {
-                if self.shared.stopped() {
-                    return Ok(());
-                }
-                self.copy_range(s, t).await?;
-            }
+            self.copy_range(s, t).await?;
         }
         Ok(())
     }
@@ -496,6 +580,8 @@ impl<'a> Worker<'a> {
             Some(done) = next_done(&mut *self.sink), if sink_busy => {
                 let done = done?;
                 let shared = self.shared;
+                let (start, end) = done.range();
+                shared.complete(start, end);
                 shared.written.fetch_add(done.written, Ordering::Relaxed);
                 shared.zeroed.fetch_add(done.zeroed, Ordering::Relaxed);
                 shared.progress.add(done.written + done.zeroed);
@@ -579,6 +665,7 @@ impl<'a> Worker<'a> {
         if self.shared.dst_zero {
             self.shared.skipped.fetch_add(len, Ordering::Relaxed);
             self.shared.progress.add(len);
+            self.shared.complete(offset, offset + len);
             return;
         }
         match &mut self.zero_run {
@@ -610,11 +697,41 @@ impl<'a> Worker<'a> {
         let work: u64 = parts.iter().map(|(_, l)| l).sum();
         shared.skipped.fetch_add(run.len - work, Ordering::Relaxed);
         shared.progress.add(run.len - work);
+        // What the destination already holds as zero is complete now.
+        let mut pos = run.offset;
+        for &(at, n) in &parts {
+            shared.complete(pos, at);
+            pos = at + n;
+        }
+        shared.complete(pos, run.offset + run.len);
         let mut permit = Some(run.permit);
         for (at, n) in parts {
             let share = permit.take().unwrap_or_default();
             self.sink.push(Segment::zero(at, n, share));
         }
+    }
+}
+
+/// A checkpoint at least every this often, so a crash costs little to redo...
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// ...or after this much progress, whichever comes first.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// Writes the journal's checkpoints while the workers copy; a checkpoint that fails stops the
+/// copy (progress that cannot be recorded is not worth continuing blind).
+async fn checkpoints(shared: &Shared) {
+    let mut last = (Instant::now(), 0u64);
+    while !shared.finished.load(Ordering::Relaxed) && !shared.stopped() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let bytes = shared.completed_bytes.load(Ordering::Relaxed);
+        if last.0.elapsed() < CHECKPOINT_EVERY && bytes - last.1 < CHECKPOINT_BYTES {
+            continue;
+        }
+        if let Err(e) = shared.checkpoint().await {
+            shared.fail(e);
+            return;
+        }
+        last = (Instant::now(), bytes);
     }
 }
 

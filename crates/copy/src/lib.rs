@@ -6,6 +6,7 @@
 //! and the error names the endpoint, operation, offset and length.
 
 mod engine;
+pub mod journal;
 pub mod plan;
 pub mod progress;
 pub mod settings;
@@ -143,6 +144,9 @@ pub enum CopyError {
         #[source]
         source: Box<blkhash::endpoint::EndpointError>,
     },
+    /// The resume journal cannot be used or written.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     /// A worker task panicked (a bug): the copy stops.
     #[error("a copy worker failed: {0}")]
     Worker(String),
@@ -161,6 +165,7 @@ impl CopyError {
             CopyError::IncompleteExtents { .. } => ErrorKind::Protocol,
             CopyError::VerifyMismatch { .. } => ErrorKind::VerifyMismatch,
             CopyError::Checksum { source, .. } => source.kind(),
+            CopyError::Journal(e) => e.kind(),
             CopyError::Worker(_) => ErrorKind::Other,
             CopyError::Cancelled => ErrorKind::Cancelled,
         }
@@ -205,6 +210,17 @@ pub struct Job {
     pub dst: Arc<dyn Endpoint>,
     /// Sees the source's content as it is read (to hash it on the way); `None` for most copies.
     pub observer: Option<Arc<dyn SourceObserver>>,
+    /// Record progress in a journal, skipping what it recorded before.
+    pub resume: Option<Resume>,
+}
+
+/// A copy that keeps a journal: what an earlier run completed is not copied again, and
+/// checkpoints record what this one completes.
+#[derive(Debug)]
+pub struct Resume {
+    pub journal: journal::Journal,
+    /// What the journal recorded when the copy started.
+    pub done: journal::RangeSet,
 }
 
 impl Job {
@@ -213,6 +229,7 @@ impl Job {
             src,
             dst,
             observer: None,
+            resume: None,
         }
     }
 }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use disk::{Caps, Endpoint};
 
+use crate::journal::{Identity, Journal, JournalError};
 use crate::verify::{self, Verified};
-use crate::{Cancel, CopyError, CopyOptions, Job, Progress, SourceObserver, Stats};
+use crate::{Cancel, CopyError, CopyOptions, Job, Progress, Resume, SourceObserver, Stats};
 
 /// What the user asked for. `None` and zero mean "the endpoints' defaults".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct Settings {
     pub verify: bool,
     /// Also compute this block hash of the data copied (nbdcopy's `--blkhash`).
     pub blkhash: Option<blkhash::Spec>,
+    /// Keep a resume journal here: what it records as done is not copied again, and it is
+    /// removed when the copy completes.
+    pub journal: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -61,6 +65,7 @@ impl Default for Settings {
             synchronous: false,
             verify: false,
             blkhash: None,
+            journal: None,
         }
     }
 }
@@ -144,12 +149,18 @@ pub async fn run(
     cancel: Cancel,
 ) -> Result<Report, CopyError> {
     let options = CopyOptions::resolve(src.caps(), dst.caps(), settings);
-    // Hashers fed by the copy itself, so the source is read once. An incremental copy reads
-    // only what changed: its source is checksummed separately.
-    let verify_hasher = (settings.verify && !settings.incremental)
+    let resume = match &settings.journal {
+        Some(path) => Some(open_journal(path, &src, &dst)?),
+        None => None,
+    };
+    // Hashers fed by the copy itself, so the source is read once. An incremental or resumed
+    // copy reads only part of it: its source is checksummed separately.
+    let partial = settings.incremental || resume.as_ref().is_some_and(|r| !r.done.is_empty());
+    let verify_hasher = (settings.verify && !partial)
         .then(|| Arc::new(blkhash::Hasher::new(blkhash::Spec::imageio())));
     let blkhash_hasher = settings
         .blkhash
+        .filter(|_| !partial)
         .map(|spec| Arc::new(blkhash::Hasher::new(spec)));
     let hashers: Vec<Arc<blkhash::Hasher>> = verify_hasher
         .iter()
@@ -160,14 +171,19 @@ pub async fn run(
     if !hashers.is_empty() {
         job.observer = Some(Arc::new(HashObserver(hashers)));
     }
+    job.resume = resume;
     let stats = crate::copy(job, options.clone(), progress, cancel).await?;
-    let blkhash = match blkhash_hasher {
-        Some(h) => Some(verify::digest(
+    let blkhash = match (blkhash_hasher, settings.blkhash) {
+        (Some(h), _) => Some(verify::digest(
             &h,
             stats.size,
             "computing the --blkhash digest",
         )?),
-        None => None,
+        // The copy saw only part of the source: its hash comes from reading all of it.
+        (None, Some(spec)) => {
+            Some(verify::checksum(&src, spec, "computing the --blkhash digest").await?)
+        }
+        (None, None) => None,
     };
     let verified = if settings.verify {
         Some(verify::verify(&src, &dst, stats.size, verify_hasher.as_deref()).await?)
@@ -180,6 +196,41 @@ pub async fn run(
         blkhash,
         verified,
     })
+}
+
+/// The journal at `path` for these endpoints. Only images of known size that can be written
+/// anywhere can be resumed: a stream cannot be read again from where it stopped.
+fn open_journal(
+    path: &std::path::Path,
+    src: &Arc<dyn Endpoint>,
+    dst: &Arc<dyn Endpoint>,
+) -> Result<Resume, CopyError> {
+    for (side, ep) in [("source", src), ("destination", dst)] {
+        if ep.caps().size.is_none() || ep.caps().sequential {
+            return Err(JournalError::Unsupported {
+                path: path.display().to_string(),
+                why: format!(
+                    "the {side} {} is a stream, which cannot be resumed",
+                    ep.name()
+                ),
+            }
+            .into());
+        }
+    }
+    let identity = |ep: &Arc<dyn Endpoint>| Identity {
+        name: ep.name().to_string(),
+        size: ep.caps().size,
+        id: ep.identity(),
+    };
+    let (journal, done) = Journal::open(path, identity(src), identity(dst))?;
+    if !done.is_empty() {
+        tracing::info!(
+            "resuming from {}: {} bytes already done",
+            path.display(),
+            done.total()
+        );
+    }
+    Ok(Resume { journal, done })
 }
 
 /// Feeds the source's content to the hashers as the copy reads it.

@@ -52,6 +52,22 @@ pub(crate) fn digest(
         })
 }
 
+/// The checksum of all of `ep` by `spec`, read from it.
+pub(crate) async fn checksum(
+    ep: &Arc<dyn Endpoint>,
+    spec: blkhash::Spec,
+    what: &'static str,
+) -> Result<String, CopyError> {
+    let read_opts = blkhash::endpoint::ReadOptions::default();
+    blkhash::endpoint::checksum(ep.clone(), spec, &read_opts)
+        .await
+        .map(|d| d.to_hex())
+        .map_err(|e| CopyError::Checksum {
+            what,
+            source: Box::new(e),
+        })
+}
+
 pub(crate) async fn verify(
     src: &Arc<dyn Endpoint>,
     dst: &Arc<dyn Endpoint>,
@@ -59,28 +75,15 @@ pub(crate) async fn verify(
     hashed: Option<&blkhash::Hasher>,
 ) -> Result<Verified, CopyError> {
     let spec = blkhash::Spec::imageio();
-    let read_opts = blkhash::endpoint::ReadOptions::default();
     let src_digest = match hashed {
         Some(h) => digest(h, size, "hashing the source")?,
-        None => blkhash::endpoint::checksum(src.clone(), spec, &read_opts)
-            .await
-            .map_err(|e| CopyError::Checksum {
-                what: "checksumming the source",
-                source: Box::new(e),
-            })?
-            .to_hex(),
+        None => checksum(src, spec, "checksumming the source").await?,
     };
     let algorithm = spec.algorithm.to_string();
     let (dst_digest, how) = match dst.server_checksum(&algorithm, spec.block_size).await? {
         Some(hex) => (hex, "the server's checksum"),
         None => (
-            blkhash::endpoint::checksum(dst.clone(), spec, &read_opts)
-                .await
-                .map_err(|e| CopyError::Checksum {
-                    what: "checksumming the destination",
-                    source: Box::new(e),
-                })?
-                .to_hex(),
+            checksum(dst, spec, "checksumming the destination").await?,
             "read back",
         ),
     };

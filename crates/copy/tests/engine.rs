@@ -415,3 +415,130 @@ fn verify_finds_a_destination_that_differs() {
         "{err}"
     );
 }
+
+/// A copy that fails half-way keeps a journal of what it completed; run again with the same
+/// journal (the fault gone), it copies only the rest and removes the journal.
+#[test]
+fn a_failed_copy_resumes_from_its_journal_and_copies_only_the_rest() {
+    let layout: Vec<(u64, Kind)> = (0..32)
+        .map(|i| (256 << 10, if i % 4 == 3 { Kind::Hole } else { Kind::Data }))
+        .collect();
+    let (image, extents) = build(&layout, 11);
+    let src = Arc::new(
+        MemoryEndpoint::new("mem:src", image.clone(), Caps::random_access(0)).with_extents(extents),
+    );
+    let mut caps = Caps::random_access(0);
+    caps.efficient_zero = true;
+    caps.flush = true;
+    let dst = Arc::new(MemoryEndpoint::new(
+        "mem:dst",
+        vec![0xa5; image.len()],
+        caps,
+    ));
+    // The fault sits past the middle: the copy stops there, having completed some of the rest.
+    let fault_at = 5 << 20;
+    dst.fail(Fault {
+        op: Op::Write,
+        offset: fault_at,
+        kind: ErrorKind::NoSpace,
+        times: 1,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("copy.journal");
+    let settings = Settings {
+        connections: 1,
+        threads: 1,
+        journal: Some(journal.clone()),
+        ..Settings::default()
+    };
+    let e = Endpoints {
+        src: src.clone(),
+        dst: dst.clone(),
+        meter: Arc::new(Meter::default()),
+        image: image.clone(),
+        extents: Vec::new(),
+    };
+    let err = runtime()
+        .block_on(run(&e, &settings))
+        .expect_err("the fault stops it");
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert!(journal.exists(), "an interrupted copy keeps its journal");
+    let first: u64 = dst
+        .requests()
+        .iter()
+        .filter(|r| r.op == Op::Write)
+        .map(|r| r.len)
+        .sum();
+    let writes_before = dst.requests().len();
+    let report = runtime().block_on(run(&e, &settings)).expect("resumed");
+    assert!(
+        dst.contents() == image,
+        "the resumed copy differs from the source"
+    );
+    assert!(!journal.exists(), "a completed copy removes its journal");
+    let again: Vec<_> = dst.requests()[writes_before..]
+        .iter()
+        .filter(|r| r.op == Op::Write)
+        .copied()
+        .collect();
+    let resent: u64 = again.iter().map(|r| r.len).sum();
+    assert!(
+        again
+            .iter()
+            .all(|r| r.offset + r.len > fault_at - (2 << 20)),
+        "the resumed copy wrote what the journal recorded: {again:?}"
+    );
+    assert!(resent < first + (1 << 20), "{resent} bytes written again");
+    assert!(report.stats.bytes_skipped > 0);
+}
+
+#[test]
+fn a_journal_for_another_destination_is_refused() {
+    let (image, extents) = build(&[(1 << 20, Kind::Data)], 2);
+    let src = Arc::new(
+        MemoryEndpoint::new("mem:src", image.clone(), Caps::random_access(0)).with_extents(extents),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j");
+    let settings = Settings {
+        journal: Some(journal.clone()),
+        ..Settings::default()
+    };
+    let dst = Arc::new(MemoryEndpoint::new(
+        "mem:one",
+        vec![0; image.len()],
+        Caps::random_access(0),
+    ));
+    // Leave a journal behind: a write that fails for good.
+    dst.fail(Fault {
+        op: Op::Write,
+        offset: 512 << 10,
+        kind: ErrorKind::PermissionDenied,
+        times: 1,
+    });
+    let e = Endpoints {
+        src: src.clone(),
+        dst,
+        meter: Arc::new(Meter::default()),
+        image: image.clone(),
+        extents: Vec::new(),
+    };
+    runtime().block_on(run(&e, &settings)).expect_err("fails");
+    assert!(journal.exists());
+    let other = Endpoints {
+        src,
+        dst: Arc::new(MemoryEndpoint::new(
+            "mem:two",
+            vec![0; image.len()],
+            Caps::random_access(0),
+        )),
+        meter: Arc::new(Meter::default()),
+        image,
+        extents: Vec::new(),
+    };
+    let err = runtime()
+        .block_on(run(&other, &settings))
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Changed, "{err}");
+    assert!(err.to_string().contains("destination mem:one"), "{err}");
+}

@@ -237,6 +237,11 @@ pub trait Endpoint: Send + Sync + AsEndpoint {
     /// How the user named it (URI or path), for messages.
     fn name(&self) -> &str;
     fn caps(&self) -> &Caps;
+    /// What tells this endpoint from another of the same name and size (a file's device and
+    /// inode): a resume journal is refused when it changed. Empty when name and size suffice.
+    fn identity(&self) -> String {
+        String::new()
+    }
     /// Reads `len` bytes at `offset`. Streams return fewer bytes only at their end.
     fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes>;
     fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()>;

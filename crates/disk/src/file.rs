@@ -47,6 +47,7 @@ struct Inner {
 
 pub struct FileEndpoint {
     inner: Arc<Inner>,
+    identity: String,
     caps: Caps,
     /// Buffered writes to one file serialise on the inode lock in the kernel; concurrent ones
     /// only spin there. One at a time (several with O_DIRECT) keeps the CPU for real work.
@@ -172,7 +173,21 @@ impl FileEndpoint {
         caps.queue_depth = FILE_QUEUE_DEPTH;
         caps.known_zero = known_zero;
         caps.read_only = !writable;
+        // A source is the same image only while it is unmodified; a destination is the same
+        // file (ferry's own writes change its mtime).
+        let identity = if writable {
+            format!("dev {} ino {}", meta.dev(), meta.ino())
+        } else {
+            format!(
+                "dev {} ino {} mtime {}.{:09}",
+                meta.dev(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            )
+        };
         Ok(FileEndpoint {
+            identity,
             inner: Arc::new(Inner {
                 name,
                 file,
@@ -388,6 +403,10 @@ impl Inner {
 impl Endpoint for FileEndpoint {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone()
     }
 
     fn caps(&self) -> &Caps {

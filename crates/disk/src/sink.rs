@@ -174,13 +174,22 @@ impl Segment {
     }
 }
 
-/// What one completed destination request did.
+/// What one completed destination request did: the range it made hold what the source holds,
+/// and how (every request is either data or zeroes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Done {
+    pub offset: u64,
     /// Bytes written as data (zero bytes sent inside a data run count here).
     pub written: u64,
     /// Bytes zeroed by zero requests.
     pub zeroed: u64,
+}
+
+impl Done {
+    /// The range this request completed.
+    pub fn range(&self) -> (u64, u64) {
+        (self.offset, self.offset + self.written + self.zeroed)
+    }
 }
 
 /// How the engine will use a sink.
@@ -232,6 +241,7 @@ pub fn zero_request<'a>(
         ep.zero(offset, len, allocate).await?;
         drop(permit);
         Ok(Done {
+            offset,
             written: 0,
             zeroed: len,
         })
@@ -286,6 +296,7 @@ impl Sink for RequestSink<'_> {
                         ep.write(at, piece).await?;
                         drop(permit);
                         Ok(Done {
+                            offset: at,
                             written: n as u64,
                             zeroed: 0,
                         })

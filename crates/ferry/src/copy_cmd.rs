@@ -103,6 +103,11 @@ pub struct CopyArgs {
     /// imageio ticket with dirty extents for URLs) into an existing destination.
     #[arg(long)]
     pub incremental: bool,
+    /// Keep a journal of what is complete and durable on the destination in FILE: after an
+    /// interruption the same command copies only the rest. The journal is removed when the
+    /// copy completes, and refused when the source or the destination changed.
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
@@ -284,8 +289,12 @@ async fn open(
         Spec::Null => Arc::new(NullEndpoint::default()),
         Spec::Stdio if source => Arc::new(PipeEndpoint::stdin()),
         Spec::Stdio => Arc::new(PipeEndpoint::stdout()?),
-        Spec::Path(path) if !source && args.incremental => {
-            // The previous copy is updated in place: never truncated.
+        Spec::Path(path)
+            if !source
+                && (args.incremental || args.resume.as_deref().is_some_and(Path::exists)) =>
+        {
+            // The previous copy (or the part an interrupted one wrote) is updated in place:
+            // never truncated.
             Arc::new(FileEndpoint::open_existing(&path, args.direct)?)
         }
         Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
@@ -425,6 +434,7 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         synchronous: args.synchronous,
         verify: args.verify,
         blkhash: blkhash_spec,
+        journal: args.resume.clone(),
     };
     if args.verbose {
         let (sc, dc) = (src.caps(), dst.caps());

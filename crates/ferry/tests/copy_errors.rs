@@ -318,3 +318,106 @@ fn ctrl_c_stops_a_socket_activated_server() {
         .collect();
     assert!(left.is_empty(), "ferry left {left:?} behind");
 }
+
+/// The bytes nbdkit's `pattern` plugin serves: every 8-byte word holds its own offset.
+fn pattern_bytes(size: u64) -> Vec<u8> {
+    (0..size / 8).flat_map(|w| (w * 8).to_be_bytes()).collect()
+}
+
+/// `kill -9` in the middle of a copy with `--resume`: the same command copies only what the
+/// journal does not record, the result equals the source, and the journal is removed.
+#[test]
+fn a_copy_killed_mid_way_resumes_from_its_journal() {
+    let dir = testutil::temp_dir();
+    let size = 64u64 << 20;
+    // The source listens on a socket of the test's, so that it can be started again in place
+    // (nbdkit 1.32 may crash when a client dies with requests in flight): the URI, and so the
+    // source the journal names, stays the same.
+    let socket = dir.path().join("src.sock");
+    let source = |rate: &str| {
+        Nbdkit::new("pattern")
+            .unix_socket(&socket)
+            .filter("rate")
+            .args(&[&format!("size={size}"), &format!("rate={rate}")])
+            .start()
+    };
+    // 16 MiB/s: the copy takes about 4 s, and its first checkpoint comes after 2 s.
+    let server = source("16M");
+    let uri = server.nbd_uri();
+    let dst = dir.path().join("dst.raw");
+    let journal = dir.path().join("copy.journal");
+    let j = journal.to_str().unwrap();
+    let d = dst.to_str().unwrap();
+    let mut running = ferry(["copy", "--resume", j, &uri, d]).spawn();
+    assert!(
+        wait_until(Duration::from_secs(20), || journal.exists()),
+        "no checkpoint was written"
+    );
+    assert!(
+        running.is_running(),
+        "the copy ended before it could be killed"
+    );
+    running.signal(libc::SIGKILL);
+    let killed = running.wait(HANG_BOUND);
+    assert_eq!(killed.code(), None, "killed by a signal");
+    assert!(journal.exists(), "the journal survives kill -9");
+    drop(server);
+    let server = source("1G");
+    assert_eq!(server.nbd_uri(), uri);
+    // --verify after a resume covers the whole image, not only what this run copied.
+    let resumed = ferry(["copy", "-v", "--verify", "--resume", j, &uri, d]).run();
+    let stderr = resumed.expect_ok().to_string();
+    assert!(!journal.exists(), "a completed copy removes its journal");
+    assert_same_bytes(
+        &std::fs::read(&dst).unwrap(),
+        &pattern_bytes(size),
+        "resumed copy",
+    );
+    // The resumed run skipped what the journal recorded.
+    let copied = stderr
+        .lines()
+        .find(|l| l.contains("ferry: copied"))
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    assert!(
+        !copied.contains("skipped 0 B"),
+        "nothing was skipped: {copied}"
+    );
+}
+
+/// A journal is refused when the destination it names was replaced.
+#[test]
+fn a_journal_is_refused_for_another_destination_file() {
+    let dir = testutil::temp_dir();
+    let (src, _) = make_sample(dir.path(), "src.raw");
+    let dst = dir.path().join("dst.raw");
+    let journal = dir.path().join("j");
+    // A journal left by a copy that ENOSPC stopped: write it by copying into a full export.
+    let server = Nbdkit::new("memory")
+        .filter("error")
+        .arg(&format!("size={}", std::fs::metadata(&src).unwrap().len()))
+        .args(&["error-pwrite=ENOSPC", "error-pwrite-rate=100%"])
+        .start();
+    let j = journal.to_str().unwrap();
+    ferry([
+        "copy",
+        "--resume",
+        j,
+        src.to_str().unwrap(),
+        &server.nbd_uri(),
+    ])
+    .run()
+    .expect_code(1);
+    assert!(journal.exists(), "a failed copy keeps its journal");
+    std::fs::write(&dst, b"").unwrap();
+    let run = ferry([
+        "copy",
+        "--resume",
+        j,
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ])
+    .run();
+    let stderr = run.expect_code(1);
+    assert!(stderr.contains("was written for destination"), "{stderr}");
+    assert!(stderr.contains("remove it to copy again"), "{stderr}");
+}

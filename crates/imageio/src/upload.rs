@@ -115,7 +115,11 @@ impl<'a> RunSink<'a> {
             self.inflight.push(Box::pin(async move {
                 put.await?;
                 drop(permit);
-                Ok(Done { written, zeroed: 0 })
+                Ok(Done {
+                    offset: start,
+                    written,
+                    zeroed: 0,
+                })
             }));
         }
     }

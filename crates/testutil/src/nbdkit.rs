@@ -16,6 +16,8 @@ pub struct Nbdkit {
     tls_dir: Option<(PathBuf, bool)>,
     tcp: bool,
     export: String,
+    /// Listen on this socket instead of a fresh private one (a server restarted in place).
+    socket: Option<PathBuf>,
 }
 
 impl Nbdkit {
@@ -29,7 +31,15 @@ impl Nbdkit {
             tls_dir: None,
             tcp: false,
             export: String::new(),
+            socket: None,
         }
+    }
+
+    /// Listens on `path` (whose directory the caller keeps), so that a server started again
+    /// later has the same URI.
+    pub fn unix_socket(mut self, path: &Path) -> Self {
+        self.socket = Some(path.to_path_buf());
+        self
     }
 
     /// A plugin or filter parameter, e.g. `size=64M` or `error-pread-rate=100%`.
@@ -82,6 +92,9 @@ impl Nbdkit {
         let dir = crate::temp_dir();
         let endpoint = if self.tcp {
             Endpoint::free_tcp()
+        } else if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+            Endpoint::Unix(path.clone())
         } else {
             Endpoint::unix_in(dir.path())
         };
