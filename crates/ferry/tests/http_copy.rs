@@ -1027,3 +1027,78 @@ fn a_put_answered_with_500_fails_with_the_status_message_and_offset() {
         "the error names the offset of a refused PUT ({refused:?}): {stderr}"
     );
 }
+
+// ---------------------------------------------------------------- faults on the wire
+
+/// Uploads the sample through a proxy that cuts connections in the middle of request bodies:
+/// every cut request goes again, and the image arrives whole.
+#[test]
+fn an_upload_through_connections_cut_mid_body_completes() {
+    let dir = testutil::temp_dir();
+    let d = dir.path();
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let (raw, expected) = sample(d);
+    let size = expected.len() as u64;
+    let dst = d.join("cut.raw");
+    make_image(&dst, size, Start::Garbage);
+    install(&serve, "cut", &dst, size, Backend::File, &["write"], false);
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
+    // The first four connections break after 64 KiB, 1 MiB, 3 MiB and 100 bytes from ferry.
+    let proxy = testutil::fault_proxy::FaultProxy::start(
+        target,
+        testutil::fault_proxy::Faults {
+            cut_after: vec![(0, 64 << 10), (1, 1 << 20), (2, 3 << 20), (3, 100)],
+            cut_all_after: None,
+        },
+    );
+    let url = format!("http://127.0.0.1:{}/images/cut", proxy.port());
+    let run = copy(&["--no-unix-socket"], raw.to_str().unwrap(), &url);
+    expect_ok(&run, &serve);
+    assert!(
+        proxy.cuts() >= 2,
+        "only {} connections were cut",
+        proxy.cuts()
+    );
+    assert!(run.stderr.contains("retrying (1 of 10)"), "{}", run.stderr);
+    assert_same_bytes(
+        &std::fs::read(&dst).unwrap(),
+        &expected,
+        "image after cut uploads",
+    );
+}
+
+/// A peer that cuts every connection: the copy fails after its retries with the documented
+/// message and exit code, and does not hang.
+#[test]
+fn an_upload_through_a_peer_that_cuts_everything_fails_after_its_retries() {
+    let dir = testutil::temp_dir();
+    let d = dir.path();
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let (raw, expected) = sample(d);
+    let size = expected.len() as u64;
+    let dst = d.join("dead.raw");
+    make_image(&dst, size, Start::Garbage);
+    install(&serve, "dead", &dst, size, Backend::File, &["write"], false);
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
+    let proxy = testutil::fault_proxy::FaultProxy::start(
+        target,
+        testutil::fault_proxy::Faults {
+            cut_after: Vec::new(),
+            cut_all_after: Some(0),
+        },
+    );
+    let url = format!("http://127.0.0.1:{}/images/dead", proxy.port());
+    let run = copy(
+        &["--no-unix-socket", "--retries", "2"],
+        raw.to_str().unwrap(),
+        &url,
+    );
+    let stderr = run.expect_code(1);
+    assert!(stderr.contains(&format!("open {url} failed")), "{stderr}");
+    assert!(stderr.contains("(after 3 attempts)"), "{stderr}");
+    assert!(
+        proxy.connections() >= 3,
+        "{} connections",
+        proxy.connections()
+    );
+}

@@ -18,6 +18,7 @@
 //! A missing program is a test failure, never a silent skip: [`require_binary`] panics with a
 //! message saying what to install.
 
+pub mod fault_proxy;
 pub mod ferry_nbd;
 pub mod image;
 pub mod imageio;
