@@ -217,7 +217,12 @@ proptest! {
         scene in scene_strategy(),
         pick in any::<prop::sample::Index>(),
         op in prop_oneof![Just(Op::Read), Just(Op::Write), Just(Op::Zero)],
-        kind in prop_oneof![Just(ErrorKind::NoSpace), Just(ErrorKind::Io), Just(ErrorKind::PermissionDenied)],
+        kind in prop::sample::select(vec![
+            ErrorKind::ConnectionLost, ErrorKind::Timeout, ErrorKind::Protocol,
+            ErrorKind::NoSpace, ErrorKind::ReadOnly, ErrorKind::PermissionDenied,
+            ErrorKind::NotFound, ErrorKind::InvalidRequest, ErrorKind::Unsupported,
+            ErrorKind::Changed, ErrorKind::Io, ErrorKind::Server, ErrorKind::Other,
+        ]),
     ) {
         let mut scene = scene;
         // Zero requests are sent only where the destination may hold something else.
