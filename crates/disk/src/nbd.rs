@@ -1,6 +1,16 @@
 //! NBD exports as endpoints, over ferry's own pipelined client. Capabilities come straight from
 //! the handshake: block sizes, read-only, WRITE_ZEROES, FAST_ZERO, FLUSH, multi-conn, and
 //! `base:allocation` for extents.
+//!
+//! Requests that fail on the way are retried under [`crate::retry`]: a connection that broke
+//! (or went silent) is made again — a new handshake on the same URI and export, checked to
+//! have the same size and flags, else the copy stops with `Changed` — and the request is sent
+//! again (reads and writes at an offset are idempotent). A server restarted on the same socket
+//! or port thus continues the copy. EIO reported by the server is retried the same bounded
+//! number of times, on the same connection (network storage blips).
+
+use std::future::Future;
+use std::sync::RwLock;
 
 use bytes::Bytes;
 use nbd::client::ZeroFlags;
@@ -9,6 +19,7 @@ use nbd::{Client, ConnectOptions};
 
 use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op, zero_bytes};
 use crate::extents::Extent;
+use crate::retry::{Backoff, RetryPolicy};
 
 /// Request size nbdcopy uses for NBD, and a good default for pipelining.
 pub const DEFAULT_NBD_REQUEST: u64 = 256 << 10;
@@ -25,8 +36,15 @@ fn dirty_context(client: &Client) -> Option<String> {
 
 pub struct NbdEndpoint {
     name: String,
-    client: Client,
+    /// The connections in use, and how many times they were made again.
+    client: RwLock<(u64, Client)>,
     caps: Caps,
+    /// How to connect again: the options and connection count of the first connection.
+    reconnect: Option<(ConnectOptions, usize)>,
+    /// Serialises reconnects, so requests that broke together reconnect once; holds the error
+    /// of the generation whose reconnect gave up, which every request of it then reports.
+    reconnecting: tokio::sync::Mutex<Option<(u64, DiskError)>>,
+    retry: RetryPolicy,
 }
 
 impl NbdEndpoint {
@@ -50,7 +68,15 @@ impl NbdEndpoint {
         let client = Client::connect(&opts, connections.max(1))
             .await
             .map_err(|e| DiskError::from_nbd(name, Op::Open, &e))?;
-        Ok(Self::from_client(name, client, extents))
+        let mut ep = Self::from_client(name, client, extents);
+        ep.reconnect = Some((opts, connections.max(1)));
+        Ok(ep)
+    }
+
+    /// How requests that fail on the way are retried (default [`RetryPolicy::default`]).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     pub fn from_client(name: &str, client: Client, extents: bool) -> Self {
@@ -79,17 +105,126 @@ impl NbdEndpoint {
         };
         NbdEndpoint {
             name: name.to_string(),
-            client,
+            client: RwLock::new((0, client)),
             caps,
+            reconnect: None,
+            reconnecting: tokio::sync::Mutex::new(None),
+            retry: RetryPolicy::default(),
         }
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The connections in use now.
+    pub fn client(&self) -> Client {
+        self.current().1
+    }
+
+    fn current(&self) -> (u64, Client) {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn err(&self, op: Op, offset: u64, len: u64, e: &nbd::Error) -> DiskError {
         DiskError::from_nbd(&self.name, op, e).at(offset, len)
+    }
+
+    /// Runs `request` on the current connections, again while its failure is retryable and
+    /// the retry policy allows; connections that broke are made again first.
+    async fn retrying<T, F, Fut>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        request: F,
+    ) -> Result<T, DiskError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = nbd::Result<T>>,
+    {
+        let mut backoff = Backoff::new(self.retry);
+        loop {
+            let (generation, client) = self.current();
+            let e = match request(client).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let err = self.err(op, offset, len, &e);
+            if e.is_fatal() && err.is_retryable() && self.reconnect.is_some() {
+                self.connect_again(generation, &mut backoff, err).await?;
+                continue;
+            }
+            if !backoff.again(&err).await {
+                return Err(backoff.give_up(err));
+            }
+        }
+    }
+
+    /// Replaces connections of `generation` that broke (`broke` says how) with new ones, once
+    /// however many requests broke with them: the first request to get here connects, under
+    /// its retry policy, while the others wait for it. The export must be the one the copy
+    /// started with.
+    async fn connect_again(
+        &self,
+        generation: u64,
+        backoff: &mut Backoff,
+        broke: DiskError,
+    ) -> Result<(), DiskError> {
+        let Some((opts, connections)) = &self.reconnect else {
+            return Err(broke);
+        };
+        let mut gave_up = self.reconnecting.lock().await;
+        if let Some((g, err)) = gave_up.as_ref()
+            && *g == generation
+        {
+            return Err(err.clone());
+        }
+        let mut last = broke;
+        loop {
+            if self.current().0 != generation {
+                return Ok(());
+            }
+            if !backoff.again(&last).await {
+                let err = backoff.give_up(last);
+                *gave_up = Some((generation, err.clone()));
+                return Err(err);
+            }
+            let client = match Client::connect(opts, *connections).await {
+                Ok(client) => client,
+                Err(e) => {
+                    // A server on its way back may refuse, or not have its socket yet.
+                    let mut err = last.clone();
+                    err.cause = format!("{} (connecting again: {})", err.cause, e.reason());
+                    if !matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionLost
+                            | ErrorKind::NotFound
+                            | ErrorKind::Timeout
+                            | ErrorKind::Io
+                    ) {
+                        err.kind = e.kind();
+                    }
+                    last = err;
+                    continue;
+                }
+            };
+            let (old, new) = (self.client().info().clone(), client.info().clone());
+            if (old.size, old.flags) != (new.size, new.flags) {
+                return Err(DiskError::new(
+                    &self.name,
+                    Op::Open,
+                    ErrorKind::Changed,
+                    format!(
+                        "the export changed while the connection was down: size {} flags \
+                         {:#x} before, size {} flags {:#x} now",
+                        old.size, old.flags, new.size, new.flags
+                    ),
+                ));
+            }
+            tracing::warn!("{}: connected again", self.name);
+            *self.client.write().unwrap_or_else(|p| p.into_inner()) = (generation + 1, client);
+            return Ok(());
+        }
     }
 }
 
@@ -103,22 +238,17 @@ impl Endpoint for NbdEndpoint {
     }
 
     fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
-        Box::pin(async move {
-            self.client
-                .read(offset, len)
-                .await
-                .map_err(|e| self.err(Op::Read, offset, len, &e))
-        })
+        Box::pin(self.retrying(Op::Read, offset, len, move |c| async move {
+            c.read(offset, len).await
+        }))
     }
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
-        Box::pin(async move {
-            let len = data.len() as u64;
-            self.client
-                .write(offset, data, false)
-                .await
-                .map_err(|e| self.err(Op::Write, offset, len, &e))
-        })
+        let len = data.len() as u64;
+        Box::pin(self.retrying(Op::Write, offset, len, move |c| {
+            let data = data.clone();
+            async move { c.write(offset, data, false).await }
+        }))
     }
 
     fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()> {
@@ -129,10 +259,10 @@ impl Endpoint for NbdEndpoint {
                     ..ZeroFlags::default()
                 };
                 return self
-                    .client
-                    .write_zeroes(offset, len, flags)
-                    .await
-                    .map_err(|e| self.err(Op::Zero, offset, len, &e));
+                    .retrying(Op::Zero, offset, len, move |c| async move {
+                        c.write_zeroes(offset, len, flags).await
+                    })
+                    .await;
             }
             // No WRITE_ZEROES: send zero bytes, pipelined in max-request pieces.
             let step = self.caps.max_request.min(1 << 20);
@@ -140,11 +270,13 @@ impl Endpoint for NbdEndpoint {
             let mut pos = offset;
             while pos < offset + len {
                 let n = step.min(offset + len - pos);
-                writes.push(self.client.write(pos, zero_bytes(n as usize), false));
+                writes.push(self.retrying(Op::Zero, pos, n, move |c| async move {
+                    c.write(pos, zero_bytes(n as usize), false).await
+                }));
                 pos += n;
             }
             for w in writes {
-                w.await.map_err(|e| self.err(Op::Zero, offset, len, &e))?;
+                w.await?;
             }
             Ok(())
         })
@@ -159,7 +291,7 @@ impl Endpoint for NbdEndpoint {
                 fast: true,
                 ..ZeroFlags::default()
             };
-            match self.client.write_zeroes(offset, len, flags).await {
+            match self.client().write_zeroes(offset, len, flags).await {
                 Ok(()) => Ok(true),
                 Err(e) if e.errno() == Some(ENOTSUP) => Ok(false),
                 Err(e) => Err(self.err(Op::Zero, offset, len, &e)),
@@ -173,10 +305,10 @@ impl Endpoint for NbdEndpoint {
                 return Ok(vec![Extent::data(offset, len)]);
             }
             let status = self
-                .client
-                .block_status(CONTEXT_BASE_ALLOCATION, offset, len)
-                .await
-                .map_err(|e| self.err(Op::Extents, offset, len, &e))?;
+                .retrying(Op::Extents, offset, len, move |c| async move {
+                    c.block_status(CONTEXT_BASE_ALLOCATION, offset, len).await
+                })
+                .await?;
             Ok(status
                 .into_iter()
                 .map(|s| Extent {
@@ -191,7 +323,7 @@ impl Endpoint for NbdEndpoint {
 
     fn dirty(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<(Extent, bool)>> {
         Box::pin(async move {
-            let Some(context) = dirty_context(&self.client) else {
+            let Some(context) = dirty_context(&self.client()) else {
                 return Err(DiskError::new(
                     &self.name,
                     Op::Extents,
@@ -201,10 +333,11 @@ impl Endpoint for NbdEndpoint {
                 .at(offset, len));
             };
             let status = self
-                .client
-                .block_status(&context, offset, len)
-                .await
-                .map_err(|e| self.err(Op::Extents, offset, len, &e))?;
+                .retrying(Op::Extents, offset, len, |c| {
+                    let context = context.clone();
+                    async move { c.block_status(&context, offset, len).await }
+                })
+                .await?;
             Ok(status
                 .into_iter()
                 .map(|s| (Extent::data(s.offset, s.length), s.flags & 1 != 0))
@@ -217,16 +350,20 @@ impl Endpoint for NbdEndpoint {
             if !self.caps.flush {
                 return Ok(());
             }
-            self.client
-                .flush()
+            // A flush after a reconnect covers only the new connections: what the old ones
+            // wrote is durable only if the server made it so, which a restarted server did.
+            self.retrying(Op::Flush, 0, 0, |c| async move { c.flush().await })
                 .await
-                .map_err(|e| DiskError::from_nbd(&self.name, Op::Flush, &e))
+                .map_err(|mut e| {
+                    (e.offset, e.length) = (None, None);
+                    e
+                })
         })
     }
 
     fn close(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            self.client.disconnect().await;
+            self.client().disconnect().await;
             Ok(())
         })
     }

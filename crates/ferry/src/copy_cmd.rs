@@ -126,8 +126,8 @@ pub struct HttpArgs {
     /// Always use TCP, even when an imageio server on this host offers its Unix socket.
     #[arg(long)]
     pub no_unix_socket: bool,
-    /// Retries of an HTTP request that failed on the way (a broken connection, a 5xx answer);
-    /// 0 turns retries off.
+    /// Retries of a request that failed on the way (a broken connection, which is made again;
+    /// a timeout; an HTTP 5xx; EIO from an NBD server); 0 turns retries off.
     #[arg(long, value_name = "N", default_value_t = RetryPolicy::default().attempts)]
     pub retries: u32,
     /// Seconds after a request first failed in which retries may start.
@@ -144,10 +144,15 @@ impl HttpArgs {
             write,
             unix_socket: !self.no_unix_socket,
             dirty: false,
-            retry: RetryPolicy {
-                attempts: self.retries,
-                timeout: std::time::Duration::from_secs(self.retry_timeout),
-            },
+            retry: self.retry(),
+        }
+    }
+
+    /// How requests of every endpoint of the copy are retried.
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.retries,
+            timeout: std::time::Duration::from_secs(self.retry_timeout),
         }
     }
 }
@@ -267,7 +272,9 @@ async fn open(
             // The destination's extents let the engine skip zeroing what already reads as zero.
             let want_extents = extents || !source;
             Arc::new(
-                NbdEndpoint::connect(&uri.to_string(), &opts, connections, want_extents).await?,
+                NbdEndpoint::connect(&uri.to_string(), &opts, connections, want_extents)
+                    .await?
+                    .with_retry(args.http.retry()),
             )
         }
         Spec::Command(argv) => {

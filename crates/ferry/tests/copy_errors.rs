@@ -205,11 +205,11 @@ fn kill(pid: i32) {
 }
 
 #[test]
-fn source_server_killed_midway_fails_promptly_naming_it() {
+fn source_server_killed_midway_fails_after_its_retries_naming_it() {
     let server = slow_source();
     let uri = server.nbd_uri();
     let run = break_midway(
-        ferry(["copy", &uri, "null:"]),
+        ferry(["copy", "--retries=2", &uri, "null:"]),
         Duration::from_secs(1),
         |_| kill(server.pid()),
     );
@@ -220,15 +220,16 @@ fn source_server_killed_midway_fails_promptly_naming_it() {
             || stderr.contains(&format!("extents of {uri} at offset")),
         "{stderr}"
     );
+    assert!(stderr.contains("(after 3 attempts)"), "{stderr}");
     assert!(
         run.elapsed <= STOP_BOUND,
-        "took {:?} to stop after the source died",
+        "took {:?} to stop after the source died: {stderr}",
         run.elapsed
     );
 }
 
 #[test]
-fn destination_server_killed_midway_fails_promptly_naming_it() {
+fn destination_server_killed_midway_fails_after_its_retries_naming_it() {
     let dir = testutil::temp_dir();
     let source = slow_source();
     let dst = dir.path().join("dst.raw");
@@ -238,7 +239,7 @@ fn destination_server_killed_midway_fails_promptly_naming_it() {
     let destination = QemuNbd::new(&dst).start();
     let uri = destination.nbd_uri();
     let run = break_midway(
-        ferry(["copy", &source.nbd_uri(), &uri]),
+        ferry(["copy", "--retries=2", &source.nbd_uri(), &uri]),
         Duration::from_secs(1),
         |_| kill(destination.pid()),
     );
@@ -341,7 +342,8 @@ fn a_copy_killed_mid_way_resumes_from_its_journal() {
             .args(&[&format!("size={size}"), &format!("rate={rate}")])
             .start()
     };
-    // 16 MiB/s: the copy takes about 4 s, and its first checkpoint comes after 2 s.
+    // 16 Mbit/s (the rate filter counts bits): the copy would take half a minute; its first
+    // checkpoint comes after 2 s.
     let server = source("16M");
     let uri = server.nbd_uri();
     let dst = dir.path().join("dst.raw");
@@ -420,4 +422,61 @@ fn a_journal_is_refused_for_another_destination_file() {
     let stderr = run.expect_code(1);
     assert!(stderr.contains("was written for destination"), "{stderr}");
     assert!(stderr.contains("remove it to copy again"), "{stderr}");
+}
+
+/// An NBD server killed and started again on the same socket mid-copy, as the source and as
+/// the destination: the copy connects again, sends what was in flight again, and completes.
+#[test]
+fn nbd_servers_restarted_mid_copy_are_connected_again() {
+    let dir = testutil::temp_dir();
+    let size = 16u64 << 20;
+    let src_socket = dir.path().join("src.sock");
+    let dst_socket = dir.path().join("dst.sock");
+    let dst = dir.path().join("dst.raw");
+    std::fs::File::create(&dst)
+        .and_then(|f| f.set_len(size))
+        .unwrap();
+    // 32 Mbit/s (the rate filter counts bits): the copy takes about 4 s.
+    let source = || {
+        Nbdkit::new("pattern")
+            .unix_socket(&src_socket)
+            .filter("rate")
+            .args(&[&format!("size={size}"), "rate=32M"])
+            .start()
+    };
+    let destination = || {
+        Nbdkit::new("file")
+            .unix_socket(&dst_socket)
+            .arg(dst.to_str().unwrap())
+            .start()
+    };
+    let (src, dst_server) = (source(), destination());
+    let (src_uri, dst_uri) = (src.nbd_uri(), dst_server.nbd_uri());
+    let running = ferry(["copy", &src_uri, &dst_uri]).spawn();
+    // Each server dies abruptly (SIGKILL, its socket left behind) and comes back 300 ms later.
+    std::thread::sleep(Duration::from_millis(700));
+    kill(dst_server.pid());
+    drop(dst_server);
+    std::thread::sleep(Duration::from_millis(300));
+    let dst_server = destination();
+    std::thread::sleep(Duration::from_millis(300));
+    kill(src.pid());
+    drop(src);
+    std::thread::sleep(Duration::from_millis(300));
+    let src = source();
+    let run = running.wait(HANG_BOUND);
+    let stderr = run.expect_ok();
+
+    assert!(
+        run.elapsed < Duration::from_secs(12),
+        "took {:?}: reconnecting should cost about the time the servers were away",
+        run.elapsed
+    );
+    assert!(stderr.contains("connected again"), "{stderr}");
+    drop((src, dst_server));
+    assert_same_bytes(
+        &std::fs::read(&dst).unwrap(),
+        &pattern_bytes(size),
+        "copy across restarts",
+    );
 }

@@ -323,12 +323,14 @@ fn failing_source_into_null_fails() {
         .filter("error")
         .args(&["size=4M", "error-pread=EIO", "error-pread-rate=100%"])
         .start();
-    let run = ferry(["copy", &server.nbd_uri(), "null:"]).run();
+    // EIO is retried (storage blips): one retry keeps the test short.
+    let run = ferry(["copy", "--retries=1", &server.nbd_uri(), "null:"]).run();
     let stderr = run.expect_code(1);
     assert!(
         stderr.contains(&format!("read from {}", server.nbd_uri())) && stderr.contains("EIO"),
         "{stderr}"
     );
+    assert!(stderr.contains("(after 2 attempts)"), "{stderr}");
 }
 
 /// More pipelines × requests than the single NBD connection has slots, with block-status calls

@@ -94,7 +94,11 @@ impl Backend {
                 {
                     opts.meta_contexts.push(bitmap);
                 }
-                let ep = NbdEndpoint::connect(&spec.url, &opts, NBD_CONNECTIONS, true).await?;
+                // A request of a client fails at once when the backend does, as the reference
+                // daemon's do: the client decides whether to send it again.
+                let ep = NbdEndpoint::connect(&spec.url, &opts, NBD_CONNECTIONS, true)
+                    .await?
+                    .with_retry(disk::retry::RetryPolicy::NONE);
                 if writable && ep.caps().read_only {
                     return Err(DiskError::new(
                         &spec.url,
