@@ -28,7 +28,7 @@ pub mod endpoint;
 
 pub use algorithm::Algorithm;
 pub use hasher::{Hasher, HasherOptions};
-pub use spec::{Kind, Spec, parse_size};
+pub use spec::{Kind, Spec};
 pub use zero::is_zero;
 
 /// A finished checksum: the digest bytes, shown as lowercase hex.

@@ -134,13 +134,19 @@ impl Spec {
     }
 
     /// Parses nbdcopy's `--blkhash` value `ALG[/SIZE]` (`sha256`, `md5/4`, `sha512/512k`);
-    /// SIZE takes k, M, G suffixes (powers of 1024). An empty value is the default.
+    /// SIZE takes k, M, G, T suffixes (powers of 1024). An empty value is the default.
     pub fn parse_blkhash(value: &str) -> Result<Spec, Error> {
         if value.is_empty() {
             return Ok(Spec::blkhash());
         }
         let (alg, size) = match value.split_once('/') {
-            Some((a, s)) => (a, Some(parse_size(s)?)),
+            Some((a, s)) => (
+                a,
+                Some(
+                    units::parse_size(s)
+                        .map_err(|_| Error::BadSpec(format!("invalid size '{s}'")))?,
+                ),
+            ),
             None => (value, None),
         };
         Spec::new(Kind::Blkhash, Some(alg.parse()?), size)
@@ -150,22 +156,6 @@ impl Spec {
     pub fn blocks(&self, size: u64) -> u64 {
         size.div_ceil(self.block_size)
     }
-}
-
-/// `4096`, `64k`, `4M`, `1G` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, Error> {
-    let bad = || Error::BadSpec(format!("invalid size '{s}'"));
-    let t = s.trim();
-    let (digits, shift) = match t.as_bytes().last() {
-        Some(b'k' | b'K') => (&t[..t.len() - 1], 10),
-        Some(b'm' | b'M') => (&t[..t.len() - 1], 20),
-        Some(b'g' | b'G') => (&t[..t.len() - 1], 30),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(bad)
 }
 
 #[cfg(test)]

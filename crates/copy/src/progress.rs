@@ -95,30 +95,16 @@ pub fn render(p: &Progress, style: Style, final_line: bool) -> String {
             };
             let total = p
                 .size()
-                .map_or(String::new(), |s| format!(" / {}", human(s)));
+                .map_or(String::new(), |s| format!(" / {}", units::size(s)));
             format!(
-                "{pct:>3}% [{}{}] {}{total} {}/s{eta}",
+                "{pct:>3}% [{}{}] {}{total} {}{eta}",
                 "#".repeat(filled),
                 "-".repeat(CELLS as usize - filled),
-                human(done),
-                human(rate as u64),
+                units::size(done),
+                units::rate(done, elapsed),
             )
         }
     }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut v = bytes as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
 }
 
 /// Writes reports to `out` until `stop` resolves, then a final 100 % report when `finished`.
@@ -182,6 +168,13 @@ mod tests {
         let bar = render(&p, Style::Bar, false);
         assert!(bar.starts_with(" 25% [#######-"), "{bar}");
         assert!(bar.contains("250 B / 1000 B"), "{bar}");
+        // One unit of rate, whatever follows it.
+        assert!(!bar.contains("/s/s"), "{bar}");
+        let done = Progress::new(Some(1 << 20));
+        done.add(1 << 20);
+        let last = render(&done, Style::Bar, true);
+        assert!(last.ends_with("/s") || last.ends_with(" -"), "{last}");
+        assert!(!last.contains("/s/s"), "{last}");
         let unknown = Progress::new(None);
         assert!(render(&unknown, Style::Json, false).contains("\"size\":null"));
     }

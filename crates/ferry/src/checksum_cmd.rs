@@ -16,7 +16,8 @@ use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
 use disk::subprocess::SubprocessEndpoint;
 
-use crate::copy_cmd::{HttpArgs, parse_size};
+use crate::copy_cmd::HttpArgs;
+use units::parse_size;
 use crate::endpoint::{NbdArgs, Target, subprocess_argv};
 use crate::{Failure, usage};
 
@@ -41,7 +42,7 @@ pub struct ChecksumArgs {
     /// Hash algorithm (default: blake2b for imageio, sha256 for blkhash).
     #[arg(long, value_name = "A")]
     pub algorithm: Option<String>,
-    /// Block size, with K, M, G suffixes (default: 4M for imageio, 64k for blkhash).
+    /// Block size, with K, M, G, T suffixes (default: 4M for imageio, 64k for blkhash).
     #[arg(long, value_name = "N", value_parser = parse_size)]
     pub block_size: Option<u64>,
     /// Which construction: imageio (ovirt-imageio's /checksum) or blkhash (nbdcopy's).

@@ -19,7 +19,8 @@ use disk::retry::RetryPolicy;
 use disk::subprocess::SubprocessEndpoint;
 
 use crate::endpoint::{NbdArgs, subprocess_argv};
-use crate::{Failure, human, usage};
+use crate::{Failure, usage};
+use units::parse_size;
 use nbd::proto::consts::CONTEXT_DIRTY_BITMAP_PREFIX;
 
 #[derive(clap::Args, Debug)]
@@ -29,7 +30,7 @@ use nbd::proto::consts::CONTEXT_DIRTY_BITMAP_PREFIX;
                   (an NBD server started with socket activation) | https://HOST:PORT/images/TICKET \
                   (an imageio transfer URL); SRC may also be any http(s) URL of a raw image; DST may \
                   also be null:.\n\
-                  Sizes accept K, M, G suffixes (powers of 1024)."
+                  Sizes accept K, M, G, T suffixes (powers of 1024)."
 )]
 pub struct CopyArgs {
     pub source: String,
@@ -155,30 +156,6 @@ impl HttpArgs {
             timeout: std::time::Duration::from_secs(self.retry_timeout),
         }
     }
-}
-
-/// `4096`, `256k`, `4M`, `1G` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_lowercase() {
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                _ => return Err(format!("could not parse: {s}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("could not parse: {s}"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n)
-        .ok_or_else(|| format!("too large: {s}"))
 }
 
 fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
@@ -494,15 +471,10 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     });
     let interrupt = {
         let cancel = cancel.clone();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+        let interrupted =
+            crate::interrupt::interrupted().context("installing the signal handlers")?;
         tokio::spawn(async move {
-            // Ctrl-C and SIGTERM both stop the copy cleanly: servers started for it are
-            // stopped and their sockets removed.
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            interrupted.await;
             cancel.cancel();
         })
     };
@@ -546,31 +518,15 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         eprintln!(
             "ferry: copied {} in {secs:.3} s ({}): read {}, wrote {}, zeroed {}, skipped {} \
              (destination zeroes: {:?}), {} pipelines",
-            human::size(stats.size),
-            human::rate(stats.size, secs),
-            human::size(stats.bytes_read),
-            human::size(stats.bytes_written),
-            human::size(stats.bytes_zeroed),
-            human::size(stats.bytes_skipped),
+            units::size(stats.size),
+            units::rate(stats.size, secs),
+            units::size(stats.bytes_read),
+            units::size(stats.bytes_written),
+            units::size(stats.bytes_zeroed),
+            units::size(stats.bytes_skipped),
             stats.destination_zero,
             stats.workers
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_like_nbdcopy_and_with_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256k"), Ok(256 << 10));
-        assert_eq!(parse_size("4M"), Ok(4 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("4Q").is_err());
-        assert!(parse_size("99999999999999999999G").is_err());
-    }
 }

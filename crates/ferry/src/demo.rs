@@ -22,7 +22,7 @@ use nbd::proto::consts::{CONTEXT_BASE_ALLOCATION, STATE_ZERO};
 use nbd::uri::Transport;
 use nbd::{Client, ConnectOptions};
 
-use crate::{Failure, human};
+use crate::Failure;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -215,7 +215,7 @@ fn verify(sample: &Path, out: &Path, data: u64, sparse: bool) -> anyhow::Result<
             "{} allocates {allocated} bytes for {data} bytes of data",
             out.display()
         );
-        Ok(format!("identical, {} allocated", human::size(allocated)))
+        Ok(format!("identical, {} allocated", units::size(allocated)))
     } else {
         Ok("identical".into())
     }
@@ -234,9 +234,9 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         check: format!(
             "{} runs: {} data, {} zeroes, {} holes",
             layout.runs,
-            human::size(layout.data),
-            human::size(layout.zero_data),
-            human::size(layout.holes)
+            units::size(layout.data),
+            units::size(layout.zero_data),
+            units::size(layout.holes)
         ),
     });
     let src_server = QemuNbd::start(&sample, dir.join("src.sock"), true).await?;
@@ -271,7 +271,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         check: format!(
             "{} extents, {} data: matches SEEK_DATA",
             extents.len(),
-            human::size(nbd_data)
+            units::size(nbd_data)
         ),
     });
     let data = local_data;
@@ -371,7 +371,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         "file -> [ qemu-nbd qcow2 ]",
         &stats,
         started,
-        format!("qcow2 file {}", human::size(qcow2_size)),
+        format!("qcow2 file {}", units::size(qcow2_size)),
     ));
     let out = dir.join("qcow2-to-file.raw");
     let started = Instant::now();
@@ -422,7 +422,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         Arc::new(NullEndpoint::default()),
     )
     .await?;
-    let check = format!("read {}", human::size(stats.bytes_read));
+    let check = format!("read {}", units::size(stats.bytes_read));
     steps.push(Step::copied("file -> null:", &stats, started, check));
     drop(src_server);
 
@@ -437,9 +437,9 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
         println!(
             "{:<28} {:>10} {:>8.3}s {:>12}  {}",
             s.name,
-            human::size(s.bytes),
+            units::size(s.bytes),
             s.elapsed.as_secs_f64(),
-            human::rate(s.bytes, s.elapsed.as_secs_f64()),
+            units::rate(s.bytes, s.elapsed.as_secs_f64()),
             s.check
         );
     }

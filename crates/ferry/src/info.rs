@@ -9,7 +9,7 @@ use nbd::proto::consts::{TFLAG_CAN_MULTI_CONN, transmission_flag_names};
 use serde_json::json;
 
 use crate::endpoint::{NbdArgs, Target};
-use crate::{Failure, human};
+use crate::Failure;
 
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
@@ -98,7 +98,7 @@ fn print_http(url: &str, ep: &imageio::HttpEndpoint, json: bool) {
         "protocol: {}",
         if info.imageio { "imageio" } else { "http" }
     );
-    println!("size: {size} ({})", human::size(size));
+    println!("size: {size} ({})", units::size(size));
     println!("writable: {}", info.writable);
     if info.imageio {
         println!("features: {}", info.features.join(" "));
@@ -165,7 +165,7 @@ fn print_nbd(uri: &str, info: &Negotiated, json: bool) {
     if let Some(desc) = info.description.as_deref().filter(|d| !d.is_empty()) {
         println!("description:  {desc}");
     }
-    println!("size:         {} ({})", info.size, human::size(info.size));
+    println!("size:         {} ({})", info.size, units::size(info.size));
     println!(
         "block sizes:  minimum {}, preferred {}, maximum {}{}",
         b.minimum,
@@ -245,7 +245,7 @@ fn print_file(path: &str, meta: &std::fs::Metadata, size: u64, json: bool) {
     }
     println!("path:         {path}");
     println!("kind:         {kind}");
-    println!("size:         {size} ({})", human::size(size));
-    println!("allocated:    {allocated} ({})", human::size(allocated));
+    println!("size:         {size} ({})", units::size(size));
+    println!("allocated:    {allocated} ({})", units::size(allocated));
     println!("block size:   preferred {}", meta.blksize());
 }

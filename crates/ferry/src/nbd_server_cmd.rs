@@ -146,24 +146,16 @@ pub async fn run(args: NbdServerArgs) -> Result<(), Failure> {
     if args.export_name.len() > 4096 {
         return Err(usage("--export-name: at most 4096 bytes"));
     }
+    let interrupted = crate::interrupt::interrupted().context("installing the signal handlers")?;
     let serve = nbd::server::serve(listener, exports, Arc::new(config));
     tokio::select! {
         _ = serve => {}
-        _ = shutdown_signal() => {}
+        _ = interrupted => {}
     }
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 fn percent_path(name: &str) -> String {

@@ -126,6 +126,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
             TicketSpec::from_json(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;
         store.add(spec);
     }
+    let interrupted = crate::interrupt::interrupted().context("installing the signal handlers")?;
     let server = Server::start(cfg, store).await?;
     if let Some(path) = &ready_file {
         // Write then rename, so a watcher never reads half a file.
@@ -134,17 +135,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
             .and_then(|_| std::fs::rename(&tmp, path))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    shutdown_signal().await;
+    interrupted.await;
     tracing::info!("shutting down");
     drop(server);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -56,8 +56,8 @@ pub struct AddArgs {
     /// Backend: file:///path, nbd:unix:/path[:exportname=X], nbd://host:port/export.
     #[arg(long)]
     pub url: Option<String>,
-    /// Bytes the client may address.
-    #[arg(long)]
+    /// Bytes the client may address (K, M, G, T suffixes: powers of 1024).
+    #[arg(long, value_parser = units::parse_size)]
     pub size: Option<u64>,
     /// Allowed operations, comma separated: read, write.
     #[arg(long, default_value = "read,write")]

@@ -23,7 +23,7 @@ fn reference(args: &[&str], image: &[u8]) -> String {
         .parse()
         .unwrap();
     let alg = get("--algorithm").map(|a| a.parse().unwrap());
-    let block = get("--block-size").map(|b| blkhash::parse_size(&b).unwrap());
+    let block = get("--block-size").map(|b| units::parse_size(&b).unwrap());
     let spec = blkhash::Spec::new(kind, alg, block).unwrap();
     blkhash::reference::checksum(&spec, image).to_hex()
 }

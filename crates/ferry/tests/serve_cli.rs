@@ -179,7 +179,8 @@ fn serve_with_flags_tickets_and_the_admin_client() {
             "--url",
             &url,
             "--size",
-            "1048576",
+            // Sizes take the same suffixes as `ferry copy`.
+            "1M",
             "--ops",
             "read,write",
         ],
@@ -195,6 +196,7 @@ fn serve_with_flags_tickets_and_the_admin_client() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["uuid"], "t2");
     assert_eq!(v["ops"], serde_json::json!(["read", "write"]));
+    assert_eq!(v["size"], 1048576);
     let out = ticket(&control, &["list"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
