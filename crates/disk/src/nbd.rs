@@ -59,11 +59,14 @@ impl NbdEndpoint {
         let mut opts = opts.clone();
         if extents
             && !opts
+                .settings
                 .meta_contexts
                 .iter()
                 .any(|c| c == CONTEXT_BASE_ALLOCATION)
         {
-            opts.meta_contexts.push(CONTEXT_BASE_ALLOCATION.into());
+            opts.settings
+                .meta_contexts
+                .push(CONTEXT_BASE_ALLOCATION.into());
         }
         let client = Client::connect(&opts, connections.max(1))
             .await

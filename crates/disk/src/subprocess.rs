@@ -132,17 +132,18 @@ pub struct SubprocessEndpoint {
 }
 
 impl SubprocessEndpoint {
-    /// Starts `argv` and connects to it (one connection: the server is private to this copy).
+    /// Starts `argv` and connects to its default export over the socket made for it, as
+    /// `settings` say (one connection: the server is private to this copy).
     pub async fn start(
         argv: &[String],
-        opts: &nbd::ConnectOptions,
+        settings: &nbd::ClientSettings,
         extents: bool,
     ) -> Result<Self, DiskError> {
         let process = Subprocess::spawn(argv)?;
-        let mut opts = opts.clone();
-        opts.transport = nbd::uri::Transport::Unix {
+        let transport = nbd::uri::Transport::Unix {
             path: process.socket().to_path_buf(),
         };
+        let opts = nbd::ConnectOptions::with_settings(transport, "", settings.clone());
         match crate::nbd::NbdEndpoint::connect(process.name(), &opts, 1, extents).await {
             Ok(nbd) => Ok(SubprocessEndpoint { nbd, process }),
             Err(mut e) => {

@@ -6,23 +6,19 @@
 //! Exit codes: 0 the checksum was printed; 1 opening, reading or hashing failed; 2 usage error
 //! (unknown algorithm, block size out of the construction's range, malformed URI).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use blkhash::endpoint::{ReadOptions, checksum};
 use blkhash::{Algorithm, Digest, Kind, Spec};
 use disk::Endpoint;
-use disk::file::FileEndpoint;
-use disk::nbd::NbdEndpoint;
-use disk::subprocess::SubprocessEndpoint;
-
-use crate::copy_cmd::HttpArgs;
+use endpoints::{Opened, Role};
 use units::parse_size;
-use crate::endpoint::{NbdArgs, Target, subprocess_argv};
+
+use crate::endpoint::{HttpArgs, NbdArgs, read_options};
 use crate::{Failure, usage};
 
 /// Connections to use when the server allows several (NBD multi-conn, imageio readers).
-const NBD_CONNECTIONS: usize = 4;
+const CONNECTIONS: usize = 4;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -83,7 +79,7 @@ fn spec(args: &ChecksumArgs) -> Result<Spec, Failure> {
 
 pub async fn run(args: ChecksumArgs) -> Result<(), Failure> {
     let spec = spec(&args)?;
-    let (ep, http) = open(&args).await?;
+    let Opened { endpoint: ep, http } = open(&args).await?;
     let opts = ReadOptions {
         request_size: args.request_size.unwrap_or(0),
         in_flight: args.requests as usize,
@@ -144,47 +140,16 @@ pub async fn checksum_endpoint(
     Ok(checksum(ep, spec, opts).await?)
 }
 
-/// An endpoint, and the same endpoint as an HTTP one when it is (for its server's checksum).
-type Opened = (Arc<dyn Endpoint>, Option<Arc<imageio::HttpEndpoint>>);
-
 /// Opens the endpoint read-only, with extents unless they are turned off.
 async fn open(args: &ChecksumArgs) -> Result<Opened, Failure> {
     let word = args.endpoint.as_str();
-    let extents = !args.no_extents;
-    let opts_template = || {
-        let mut opts = nbd::ConnectOptions::new(
-            nbd::uri::Transport::Unix {
-                path: PathBuf::new(),
-            },
-            "",
-        );
-        opts.timeout = std::time::Duration::from_secs(args.nbd.timeout.max(1));
-        opts
-    };
-    if let Some(argv) = subprocess_argv(word) {
-        let opts = opts_template();
-        return Ok((
-            Arc::new(SubprocessEndpoint::start(&argv, &opts, extents).await?),
-            None,
-        ));
-    }
-    if word == "-" || word == "null:" {
+    let target = crate::endpoint::spec(word)?;
+    if matches!(target, endpoints::Spec::Stdio | endpoints::Spec::Null) {
         return Err(usage(format!(
             "{word}: a checksum needs an image with a size (a file, device, NBD export or URL)"
         )));
     }
-    match Target::parse(word)? {
-        Target::Nbd(uri) => {
-            let opts = args.nbd.connect_options(&uri)?;
-            let ep =
-                NbdEndpoint::connect(&uri.to_string(), &opts, NBD_CONNECTIONS, extents).await?;
-            Ok((Arc::new(ep), None))
-        }
-        Target::File(path) => Ok((Arc::new(FileEndpoint::open_source(&path, false)?), None)),
-        Target::Http(url) => {
-            let ep =
-                Arc::new(imageio::open(&url, &args.http.options(NBD_CONNECTIONS, false)).await?);
-            Ok((ep.clone(), Some(ep)))
-        }
-    }
+    let mut opts = read_options(&args.nbd, &args.http, CONNECTIONS);
+    opts.extents = !args.no_extents;
+    crate::endpoint::open(&target, Role::Source, &opts).await
 }

@@ -3,25 +3,17 @@
 
 use std::io::IsTerminal;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use copy::progress::{self, Style};
 use copy::{Cancel, Progress};
-use disk::Endpoint;
-use disk::file::FileEndpoint;
-use disk::nbd::NbdEndpoint;
-use disk::null::NullEndpoint;
-use disk::pipe::PipeEndpoint;
-use disk::retry::RetryPolicy;
-use disk::subprocess::SubprocessEndpoint;
-
-use crate::endpoint::{NbdArgs, subprocess_argv};
-use crate::{Failure, usage};
+use endpoints::{Role, Spec};
 use units::parse_size;
-use nbd::proto::consts::CONTEXT_DIRTY_BITMAP_PREFIX;
+
+use crate::endpoint::{HttpArgs, NbdArgs, open, spec};
+use crate::{Failure, usage};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -115,49 +107,6 @@ pub struct CopyArgs {
     pub http: HttpArgs,
 }
 
-/// Flags of HTTP endpoints (imageio URLs and plain https sources).
-#[derive(clap::Args, Debug, Clone)]
-pub struct HttpArgs {
-    /// PEM file of CA certificates that sign an https server's certificate.
-    #[arg(long, value_name = "FILE")]
-    pub cafile: Option<PathBuf>,
-    /// Do not verify an https server's certificate (the connection is still encrypted).
-    #[arg(long)]
-    pub insecure: bool,
-    /// Always use TCP, even when an imageio server on this host offers its Unix socket.
-    #[arg(long)]
-    pub no_unix_socket: bool,
-    /// Retries of a request that failed on the way (a broken connection, which is made again;
-    /// a timeout; an HTTP 5xx; EIO from an NBD server); 0 turns retries off.
-    #[arg(long, value_name = "N", default_value_t = RetryPolicy::default().attempts)]
-    pub retries: u32,
-    /// Seconds after a request first failed in which retries may start.
-    #[arg(long, value_name = "SECONDS", default_value_t = RetryPolicy::default().timeout.as_secs())]
-    pub retry_timeout: u64,
-}
-
-impl HttpArgs {
-    pub fn options(&self, connections: usize, write: bool) -> imageio::HttpOptions {
-        imageio::HttpOptions {
-            ca_file: self.cafile.clone(),
-            insecure: self.insecure,
-            connections,
-            write,
-            unix_socket: !self.no_unix_socket,
-            dirty: false,
-            retry: self.retry(),
-        }
-    }
-
-    /// How requests of every endpoint of the copy are retried.
-    pub fn retry(&self) -> RetryPolicy {
-        RetryPolicy {
-            attempts: self.retries,
-            timeout: std::time::Duration::from_secs(self.retry_timeout),
-        }
-    }
-}
-
 fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
     match v {
         Some(n) if !n.is_power_of_two() || !(4096..=32 << 20).contains(&n) => Err(usage(format!(
@@ -167,149 +116,27 @@ fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
     }
 }
 
-/// How a command-line word names an endpoint.
-enum Spec {
-    Nbd(nbd::uri::NbdUri),
-    Http(String),
-    Stdio,
-    Null,
-    Command(Vec<String>),
-    Path(PathBuf),
-}
-
-fn spec(word: &str) -> Result<Spec, Failure> {
-    if let Some(argv) = subprocess_argv(word) {
-        return Ok(Spec::Command(argv));
+/// How the copy's endpoints are opened: the flags, with `-R`'s requests in flight kept on
+/// each NBD connection (twice over, so replies never wait for the next request to be sent).
+fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
+    let mut nbd = args.nbd.options();
+    nbd.max_in_flight = Some((args.requests as usize).max(1) * 2);
+    nbd.bitmap = args.bitmap.clone();
+    endpoints::OpenOptions {
+        nbd,
+        http: args.http.settings(),
+        connections: if args.synchronous {
+            1
+        } else {
+            args.connections as usize
+        },
+        direct: args.direct,
+        incremental: args.incremental,
+        // A resumed copy continues into what the interrupted one wrote.
+        existing_destination: args.resume.as_deref().is_some_and(Path::exists),
+        extents: !args.no_extents,
+        retry: args.http.retry(),
     }
-    if word == "-" {
-        return Ok(Spec::Stdio);
-    }
-    if word == "null:" {
-        return Ok(Spec::Null);
-    }
-    if imageio::is_http_url(word) {
-        return Ok(Spec::Http(word.to_string()));
-    }
-    match crate::endpoint::Target::parse(word)? {
-        crate::endpoint::Target::Nbd(uri) => Ok(Spec::Nbd(uri)),
-        crate::endpoint::Target::Http(url) => Ok(Spec::Http(url)),
-        crate::endpoint::Target::File(path) => Ok(Spec::Path(path)),
-    }
-}
-
-struct Opened {
-    endpoint: Arc<dyn Endpoint>,
-    /// An HTTP endpoint: the connections it will use (one pipeline each), and what the server
-    /// offers, for -v.
-    http: Option<(usize, String)>,
-}
-
-async fn open(
-    spec: Spec,
-    args: &CopyArgs,
-    source: bool,
-    source_size: Option<u64>,
-) -> Result<Opened, Failure> {
-    let connections = if args.synchronous {
-        1
-    } else {
-        args.connections as usize
-    };
-    let extents = source && !args.no_extents;
-    let with_requests = |mut opts: nbd::ConnectOptions| {
-        opts.max_in_flight = (args.requests as usize).max(1) * 2;
-        opts
-    };
-    let mut http = None;
-    let endpoint: Arc<dyn Endpoint> = match spec {
-        Spec::Http(url) => {
-            let mut http_opts = args.http.options(connections, !source);
-            http_opts.dirty = source && args.incremental;
-            let ep = Arc::new(imageio::open(&url, &http_opts).await?);
-            let info = ep.server();
-            http = Some((
-                ep.connections(),
-                format!(
-                    "{} features={} max_readers={:?} max_writers={:?} via {}",
-                    if info.imageio { "imageio" } else { "http" },
-                    info.features.join(","),
-                    info.max_readers,
-                    info.max_writers,
-                    info.transport
-                ),
-            ));
-            ep
-        }
-        Spec::Nbd(uri) => {
-            let mut opts = with_requests(args.nbd.connect_options(&uri)?);
-            if let (true, Some(bitmap)) = (source, &args.bitmap) {
-                opts.meta_contexts
-                    .push(format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{bitmap}"));
-            }
-            // The destination's extents let the engine skip zeroing what already reads as zero.
-            let want_extents = extents || !source;
-            Arc::new(
-                NbdEndpoint::connect(&uri.to_string(), &opts, connections, want_extents)
-                    .await?
-                    .with_retry(args.http.retry()),
-            )
-        }
-        Spec::Command(argv) => {
-            let template = nbd::ConnectOptions::new(
-                nbd::uri::Transport::Unix {
-                    path: PathBuf::new(),
-                },
-                "",
-            );
-            let mut opts = with_requests(template);
-            opts.timeout = std::time::Duration::from_secs(args.nbd.timeout.max(1));
-            if let (true, Some(bitmap)) = (source, &args.bitmap) {
-                opts.meta_contexts
-                    .push(format!("{CONTEXT_DIRTY_BITMAP_PREFIX}{bitmap}"));
-            }
-            Arc::new(SubprocessEndpoint::start(&argv, &opts, extents || !source).await?)
-        }
-        Spec::Null if source => return Err(usage("null: can only be a destination")),
-        Spec::Null => Arc::new(NullEndpoint::default()),
-        Spec::Stdio if source => Arc::new(PipeEndpoint::stdin()),
-        Spec::Stdio => Arc::new(PipeEndpoint::stdout()?),
-        Spec::Path(path)
-            if !source
-                && (args.incremental || args.resume.as_deref().is_some_and(Path::exists)) =>
-        {
-            // The previous copy (or the part an interrupted one wrote) is updated in place:
-            // never truncated.
-            Arc::new(FileEndpoint::open_existing(&path, args.direct)?)
-        }
-        Spec::Path(path) => open_path(&path, source, source_size, args.direct)?,
-    };
-    Ok(Opened { endpoint, http })
-}
-
-fn open_path(
-    path: &Path,
-    source: bool,
-    source_size: Option<u64>,
-    direct: bool,
-) -> Result<Arc<dyn Endpoint>, Failure> {
-    let name = path.display().to_string();
-    let stream = std::fs::metadata(path).ok().is_some_and(|m| {
-        let t = m.file_type();
-        t.is_fifo() || t.is_socket() || t.is_char_device()
-    });
-    if stream {
-        let file = std::fs::OpenOptions::new()
-            .read(source)
-            .write(!source)
-            .open(path)
-            .with_context(|| format!("opening {name}"))?;
-        return Ok(Arc::new(PipeEndpoint::from_file(&name, file, source)));
-    }
-    Ok(if source {
-        Arc::new(FileEndpoint::open_source(path, direct)?)
-    } else {
-        Arc::new(FileEndpoint::open_destination(path, source_size, direct)?)
-    })
 }
 
 /// A progress style and where its reports go.
@@ -391,17 +218,19 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     }
     let dst_spec = spec(&args.destination)?;
 
-    let src_opened = open(src_spec, &args, true, None).await?;
-    let src = src_opened.endpoint;
+    let open_opts = open_options(&args);
+    let src_opened = open(&src_spec, Role::Source, &open_opts).await?;
+    let src = src_opened.endpoint.clone();
     let src_size = src.caps().size;
-    let dst_opened = match open(dst_spec, &args, false, src_size).await {
+    let dst_role = Role::Destination { size: src_size };
+    let dst_opened = match open(&dst_spec, dst_role, &open_opts).await {
         Ok(o) => o,
         Err(e) => {
             let _ = src.close().await;
             return Err(e);
         }
     };
-    let dst = dst_opened.endpoint;
+    let dst = dst_opened.endpoint.clone();
     let settings = copy::Settings {
         src_request: args.src_request_size.or(args.request_size),
         dst_request: args.dst_request_size.or(args.request_size),
@@ -437,12 +266,9 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             dc.preferred_block,
             opts.dst_request
         );
-        for (side, opened) in [
-            ("source", &src_opened.http),
-            ("destination", &dst_opened.http),
-        ] {
-            if let Some((connections, server)) = opened {
-                eprintln!("ferry: {side} server: {server}, {connections} connections");
+        for (side, opened) in [("source", &src_opened), ("destination", &dst_opened)] {
+            if let Some(server) = opened.http_summary() {
+                eprintln!("ferry: {side} server: {server}");
             }
         }
         eprintln!(

@@ -6,21 +6,20 @@
 //! sparseness where the destination can be sparse), and prints a table.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use copy::{Cancel, Progress, Stats};
 use disk::Endpoint;
-use disk::file::FileEndpoint;
-use disk::nbd::NbdEndpoint;
-use disk::null::NullEndpoint;
 use disk::pipe::PipeEndpoint;
-use disk::subprocess::SubprocessEndpoint;
+use disk::subprocess::Subprocess;
+use endpoints::{OpenOptions, Role, Spec};
 use nbd::proto::consts::{CONTEXT_BASE_ALLOCATION, STATE_ZERO};
-use nbd::uri::Transport;
+use nbd::uri::NbdUri;
 use nbd::{Client, ConnectOptions};
+use sample::{Layout, Segment};
 
 use crate::Failure;
 
@@ -34,113 +33,45 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-/// A deterministic pseudo-random generator (xorshift64*), so every run builds the same image.
-struct Rng(u64);
+/// The seed of the sample's layout and data, so every run builds the same image.
+const SAMPLE_SEED: u64 = 0x5eed_f0e1_2026;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Layout {
-    data: u64,
-    zero_data: u64,
-    holes: u64,
-    runs: usize,
-}
-
-/// Writes the sample image: runs of 64 KiB – 8 MiB, about half random data, a quarter zeroes
-/// written as data, a quarter holes.
-fn make_sample(path: &Path, size: u64) -> anyhow::Result<Layout> {
-    let file = std::fs::File::create(path)?;
-    file.set_len(size)?;
-    let mut rng = Rng(0x5eed_f0e1_2026);
-    let mut layout = Layout::default();
-    let mut buf = vec![0u8; 8 << 20];
-    let mut offset = 0;
-    while offset < size {
-        let len = ((64 << 10) << (rng.next() % 8)).min(size - offset);
-        match rng.next() % 4 {
-            0 | 1 => {
-                rng.fill(&mut buf[..len as usize]);
-                file.write_all_at(&buf[..len as usize], offset)?;
-                layout.data += len;
-            }
-            2 => {
-                buf[..len as usize].fill(0);
-                file.write_all_at(&buf[..len as usize], offset)?;
-                layout.zero_data += len;
-            }
-            _ => layout.holes += len,
-        }
-        layout.runs += 1;
-        offset += len;
-    }
-    file.sync_all()?;
-    Ok(layout)
-}
-
-/// A qemu-nbd serving one file on a private unix socket; killed on drop.
+/// A qemu-nbd serving one raw file on a private Unix socket, started by socket activation
+/// (the launcher of `[ CMD … ]` endpoints); stopped when dropped.
 struct QemuNbd {
-    // Held so that kill_on_drop stops the server when the demo ends.
-    _child: tokio::process::Child,
-    socket: PathBuf,
+    process: Subprocess,
 }
 
 impl QemuNbd {
-    async fn start(image: &Path, socket: PathBuf, read_only: bool) -> anyhow::Result<Self> {
-        let mut cmd = tokio::process::Command::new("qemu-nbd");
-        cmd.args(["-f", "raw", "--persistent", "--shared=4", "-k"])
-            .arg(&socket)
-            .kill_on_drop(true)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        if read_only {
-            cmd.arg("--read-only");
+    fn start(image: &Path, read_only: bool) -> anyhow::Result<Self> {
+        // The launcher runs any command; say what to install when this one is missing.
+        std::process::Command::new("qemu-nbd")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("starting qemu-nbd (install qemu-utils)")?;
+        let mut argv: Vec<String> = ["qemu-nbd", "-f", "raw", "--persistent", "--shared=4"]
+            .map(String::from)
+            .into();
+        argv.push(if read_only {
+            "--read-only".into()
         } else {
             // Let WRITE_ZEROES punch holes, so zero runs stay sparse in the copy.
-            cmd.arg("--discard=unmap");
-        }
-        cmd.arg(image);
-        let mut child = cmd
-            .spawn()
-            .context("starting qemu-nbd (install qemu-utils)")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(status) = child.try_wait()? {
-                bail!("qemu-nbd exited with {status} before listening");
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "qemu-nbd did not start listening"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            "--discard=unmap".into()
+        });
+        argv.push(image.display().to_string());
         Ok(QemuNbd {
-            _child: child,
-            socket,
+            process: Subprocess::spawn(&argv)?,
         })
     }
 
-    fn options(&self) -> ConnectOptions {
-        ConnectOptions::new(
-            Transport::Unix {
-                path: self.socket.clone(),
-            },
-            "",
-        )
+    fn uri(&self) -> anyhow::Result<NbdUri> {
+        let uri = format!("nbd+unix:///?socket={}", self.process.socket().display());
+        Ok(uri.parse()?)
+    }
+
+    fn spec(&self) -> anyhow::Result<Spec> {
+        Ok(Spec::Nbd(self.uri()?))
     }
 }
 
@@ -161,6 +92,20 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     result.map_err(Failure::from)
 }
 
+/// Opens `spec` as `ferry copy` would by default.
+async fn open(spec: &Spec, role: Role) -> anyhow::Result<Arc<dyn Endpoint>> {
+    Ok(endpoints::open(spec, role, &OpenOptions::default())
+        .await?
+        .endpoint)
+}
+
+/// Opens both sides and copies as `ferry copy` does by default.
+async fn copy_specs(src: &Spec, dst: &Spec, size: u64) -> anyhow::Result<Stats> {
+    let src = open(src, Role::Source).await?;
+    let dst = open(dst, Role::Destination { size: Some(size) }).await?;
+    run_copy(src, dst).await
+}
+
 /// Copies as `ferry copy` does by default.
 async fn run_copy(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> anyhow::Result<Stats> {
     let size = src.caps().size;
@@ -175,22 +120,6 @@ async fn run_copy(src: Arc<dyn Endpoint>, dst: Arc<dyn Endpoint>) -> anyhow::Res
     src.close().await?;
     dst.close().await?;
     Ok(report?.stats)
-}
-
-fn nbd_endpoint_options(socket: &Path) -> ConnectOptions {
-    ConnectOptions::new(
-        Transport::Unix {
-            path: socket.to_path_buf(),
-        },
-        "",
-    )
-}
-
-async fn nbd_endpoint(server: &QemuNbd, extents: bool) -> anyhow::Result<Arc<dyn Endpoint>> {
-    let name = format!("nbd+unix:///?socket={}", server.socket.display());
-    Ok(Arc::new(
-        NbdEndpoint::connect(&name, &server.options(), 4, extents).await?,
-    ))
 }
 
 /// Checks `out` equals the sample, and (when `sparse`) that it allocates no more than the
@@ -226,25 +155,35 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     let mut steps = Vec::new();
     let sample = dir.join("sample.raw");
     let started = Instant::now();
-    let layout = make_sample(&sample, size).context("writing the sample image")?;
+    let layout = Layout::random(SAMPLE_SEED, size);
+    sample::write_image(&sample, &layout).context("writing the sample image")?;
+    let total = |f: fn(&Segment) -> bool| -> u64 {
+        layout
+            .segments()
+            .iter()
+            .filter(|s| f(s))
+            .map(Segment::len)
+            .sum()
+    };
     steps.push(Step {
         name: "make sample image".into(),
         bytes: size,
         elapsed: started.elapsed(),
         check: format!(
             "{} runs: {} data, {} zeroes, {} holes",
-            layout.runs,
-            units::size(layout.data),
-            units::size(layout.zero_data),
-            units::size(layout.holes)
+            layout.segments().len(),
+            units::size(total(|s| matches!(s, Segment::Data { .. }))),
+            units::size(total(|s| matches!(s, Segment::Zero(_)))),
+            units::size(total(|s| matches!(s, Segment::Hole(_))))
         ),
     });
-    let src_server = QemuNbd::start(&sample, dir.join("src.sock"), true).await?;
+    let sample_spec = Spec::Path(sample.clone());
+    let src_server = QemuNbd::start(&sample, true)?;
 
     // Map over NBD: the server's view must agree with the file's own SEEK_DATA view.
     let started = Instant::now();
-    let mut opts = src_server.options();
-    opts.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
+    let mut opts = ConnectOptions::from_uri(&src_server.uri()?);
+    opts.settings.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
     let client = Client::connect(&opts, 1)
         .await
         .context("connecting to qemu-nbd")?;
@@ -279,11 +218,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     // file -> file
     let out = dir.join("file-to-file.raw");
     let started = Instant::now();
-    let stats = run_copy(
-        Arc::new(FileEndpoint::open_source(&sample, false)?),
-        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
-    )
-    .await?;
+    let stats = copy_specs(&sample_spec, &Spec::Path(out.clone()), size).await?;
     steps.push(Step::copied(
         "file -> file",
         &stats,
@@ -294,13 +229,9 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     // file -> NBD (a writable qemu-nbd over an empty file)
     let target = dir.join("file-to-nbd.raw");
     std::fs::File::create(&target)?.set_len(size)?;
-    let server = QemuNbd::start(&target, dir.join("dst1.sock"), false).await?;
+    let server = QemuNbd::start(&target, false)?;
     let started = Instant::now();
-    let stats = run_copy(
-        Arc::new(FileEndpoint::open_source(&sample, false)?),
-        nbd_endpoint(&server, false).await?,
-    )
-    .await?;
+    let stats = copy_specs(&sample_spec, &server.spec()?, size).await?;
     drop(server);
     steps.push(Step::copied(
         "file -> NBD",
@@ -312,11 +243,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     // NBD -> file
     let out = dir.join("nbd-to-file.raw");
     let started = Instant::now();
-    let stats = run_copy(
-        nbd_endpoint(&src_server, true).await?,
-        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
-    )
-    .await?;
+    let stats = copy_specs(&src_server.spec()?, &Spec::Path(out.clone()), size).await?;
     steps.push(Step::copied(
         "NBD -> file",
         &stats,
@@ -327,13 +254,9 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     // NBD -> NBD
     let target = dir.join("nbd-to-nbd.raw");
     std::fs::File::create(&target)?.set_len(size)?;
-    let server = QemuNbd::start(&target, dir.join("dst2.sock"), false).await?;
+    let server = QemuNbd::start(&target, false)?;
     let started = Instant::now();
-    let stats = run_copy(
-        nbd_endpoint(&src_server, true).await?,
-        nbd_endpoint(&server, false).await?,
-    )
-    .await?;
+    let stats = copy_specs(&src_server.spec()?, &server.spec()?, size).await?;
     drop(server);
     steps.push(Step::copied(
         "NBD -> NBD",
@@ -357,15 +280,10 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
             argv.push("--read-only".into());
         }
         argv.push(qcow2.display().to_string());
-        argv
+        Spec::Command(argv)
     };
-    let template = nbd_endpoint_options(Path::new(""));
     let started = Instant::now();
-    let stats = run_copy(
-        Arc::new(FileEndpoint::open_source(&sample, false)?),
-        Arc::new(SubprocessEndpoint::start(&qemu_nbd(false), &template, true).await?),
-    )
-    .await?;
+    let stats = copy_specs(&sample_spec, &qemu_nbd(false), size).await?;
     let qcow2_size = std::fs::metadata(&qcow2)?.len();
     steps.push(Step::copied(
         "file -> [ qemu-nbd qcow2 ]",
@@ -375,11 +293,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     ));
     let out = dir.join("qcow2-to-file.raw");
     let started = Instant::now();
-    let stats = run_copy(
-        Arc::new(SubprocessEndpoint::start(&qemu_nbd(true), &template, true).await?),
-        Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?),
-    )
-    .await?;
+    let stats = copy_specs(&qemu_nbd(true), &Spec::Path(out.clone()), size).await?;
     steps.push(Step::copied(
         "[ qemu-nbd qcow2 ] -> file",
         &stats,
@@ -394,12 +308,12 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
     let writer = std::fs::File::from(std::os::fd::OwnedFd::from(writer));
     let started = Instant::now();
     let into_pipe = run_copy(
-        Arc::new(FileEndpoint::open_source(&sample, false)?),
+        open(&sample_spec, Role::Source).await?,
         Arc::new(PipeEndpoint::from_file("pipe", writer, false)),
     );
     let from_pipe = run_copy(
         Arc::new(PipeEndpoint::from_file("pipe", reader, true)),
-        Arc::new(FileEndpoint::open_destination(&out, None, false)?),
+        open(&Spec::Path(out.clone()), Role::Destination { size: None }).await?,
     );
     let (sent, stats) = tokio::try_join!(into_pipe, from_pipe)?;
     ensure!(
@@ -417,11 +331,7 @@ async fn demo(dir: &Path, size: u64) -> anyhow::Result<()> {
 
     // file -> null:
     let started = Instant::now();
-    let stats = run_copy(
-        Arc::new(FileEndpoint::open_source(&sample, false)?),
-        Arc::new(NullEndpoint::default()),
-    )
-    .await?;
+    let stats = copy_specs(&sample_spec, &Spec::Null, size).await?;
     let check = format!("read {}", units::size(stats.bytes_read));
     steps.push(Step::copied("file -> null:", &stats, started, check));
     drop(src_server);
@@ -482,12 +392,11 @@ mod serve_step {
     use std::time::Instant;
 
     use anyhow::Context;
-    use disk::Endpoint;
-    use disk::file::FileEndpoint;
+    use endpoints::Spec;
     use serde_json::json;
     use server::{Server, ServerConfig, TicketSpec, TicketStore};
 
-    use super::{Step, run_copy, verify};
+    use super::{Step, copy_specs, verify};
 
     /// Serves a new raw file over plain HTTP on a free loopback port (a write ticket to upload,
     /// a read ticket to download), copies the sample into it, copies it back into another new
@@ -520,16 +429,11 @@ mod serve_step {
                 .add(TicketSpec::from_json(doc.to_string().as_bytes())?);
         }
         let base = format!("http://{}/images", server.remote_addr());
-        let http = |write| imageio::HttpOptions {
-            write,
-            ..imageio::HttpOptions::default()
-        };
+        let sample_spec = Spec::Path(sample.to_path_buf());
 
         let started = Instant::now();
-        let src: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open_source(sample, false)?);
-        let dst: Arc<dyn Endpoint> =
-            Arc::new(imageio::open(&format!("{base}/demo-upload"), &http(true)).await?);
-        let stats = run_copy(src, dst).await?;
+        let upload = Spec::parse(&format!("{base}/demo-upload"))?;
+        let stats = copy_specs(&sample_spec, &upload, size).await?;
         let up = Step {
             name: "file -> ferry serve (HTTP)".into(),
             bytes: size,
@@ -543,11 +447,8 @@ mod serve_step {
 
         let out = dir.join("http-download.raw");
         let started = Instant::now();
-        let src: Arc<dyn Endpoint> =
-            Arc::new(imageio::open(&format!("{base}/demo-download"), &http(false)).await?);
-        let dst: Arc<dyn Endpoint> =
-            Arc::new(FileEndpoint::open_destination(&out, Some(size), false)?);
-        let stats = run_copy(src, dst).await?;
+        let download = Spec::parse(&format!("{base}/demo-download"))?;
+        let stats = copy_specs(&download, &Spec::Path(out.clone()), size).await?;
         let down = Step {
             name: "ferry serve (HTTP) -> file".into(),
             bytes: size,

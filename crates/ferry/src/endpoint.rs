@@ -1,14 +1,14 @@
-//! Turning command-line words into endpoints: an NBD URI (with the TLS and timeout flags that
-//! refine it) or a local path.
+//! The connection flags every command that opens endpoints shares (NBD and HTTP), turned into
+//! the library's [`endpoints::OpenOptions`], and the library's errors turned into exit codes.
+//! What a word means and how it is opened is the `endpoints` crate's.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nbd::ConnectOptions;
-use nbd::tls::TlsOptions;
-use nbd::uri::{NbdUri, is_nbd_uri};
+use disk::retry::RetryPolicy;
+use endpoints::{HttpSettings, NbdOptions, Opened, Role, Spec};
 
-use crate::{Failure, usage};
+use crate::{EXIT_FAILED, EXIT_USAGE, Failure};
 
 /// Connection flags shared by every command that talks NBD.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -30,94 +30,90 @@ pub struct NbdArgs {
     pub timeout: u64,
 }
 
-/// Where a command reads from.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Nbd(NbdUri),
-    /// An imageio transfer URL or a plain http(s) image.
-    Http(String),
-    File(PathBuf),
-}
-
-impl Target {
-    pub fn parse(word: &str) -> Result<Target, Failure> {
-        if imageio::is_http_url(word) {
-            imageio::HttpUrl::parse(word).map_err(|e| usage(e.to_string()))?;
-            Ok(Target::Http(word.to_string()))
-        } else if is_nbd_uri(word) {
-            word.parse().map(Target::Nbd).map_err(usage)
-        } else {
-            Ok(Target::File(PathBuf::from(word)))
-        }
-    }
-}
-
 impl NbdArgs {
-    /// Connection options for `uri`, with these flags applied. TLS flags need an nbds URI.
-    pub fn connect_options(&self, uri: &NbdUri) -> Result<ConnectOptions, Failure> {
-        let mut opts = ConnectOptions::from_uri(uri);
-        opts.timeout = Duration::from_secs(self.timeout.max(1));
-        let tls_flags = self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_no_verify;
-        match &mut opts.tls {
-            Some(tls) => self.apply_tls(tls),
-            None if tls_flags => {
-                return Err(usage(format!(
-                    "TLS options need an nbds:// or nbds+unix:// URI, not {uri}"
-                )));
-            }
-            None => {}
-        }
-        Ok(opts)
-    }
-
-    fn apply_tls(&self, tls: &mut TlsOptions) {
-        if let Some(ca) = &self.tls_ca {
-            tls.ca_file = Some(ca.clone());
-        }
-        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            tls.client_cert = Some(cert.clone());
-            tls.client_key = Some(key.clone());
-        }
-        if self.tls_no_verify {
-            tls.verify_peer = false;
+    pub fn options(&self) -> NbdOptions {
+        NbdOptions {
+            tls_ca: self.tls_ca.clone(),
+            tls_client: self.tls_cert.clone().zip(self.tls_key.clone()),
+            tls_no_verify: self.tls_no_verify,
+            timeout: Duration::from_secs(self.timeout),
+            ..NbdOptions::default()
         }
     }
 }
 
-/// Commands written as `[ CMD ARGS … ]` on the command line, in order.
-static SUBPROCESSES: std::sync::OnceLock<Vec<Vec<String>>> = std::sync::OnceLock::new();
-/// Placeholder that stands for a bracketed command in the arguments clap sees. A NUL byte can
-/// never occur in a real argument, so it cannot collide with a path.
-const PLACEHOLDER: &str = "\0ferry-command:";
-
-/// Replaces each `[ CMD ARGS … ]` group with a placeholder word and remembers the commands.
-/// An unterminated group is left alone for clap to reject.
-pub fn extract_subprocesses(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut commands = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "["
-            && let Some(len) = args[i + 1..].iter().position(|a| a == "]")
-        {
-            let argv: Vec<String> = args[i + 1..i + 1 + len]
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            out.push(format!("{PLACEHOLDER}{}", commands.len()).into());
-            commands.push(argv);
-            i += len + 2;
-            continue;
-        }
-        out.push(args[i].clone());
-        i += 1;
-    }
-    let _ = SUBPROCESSES.set(commands);
-    out
+/// Flags of HTTP endpoints (imageio URLs and plain https sources).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// PEM file of CA certificates that sign an https server's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Do not verify an https server's certificate (the connection is still encrypted).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Always use TCP, even when an imageio server on this host offers its Unix socket.
+    #[arg(long)]
+    pub no_unix_socket: bool,
+    /// Retries of a request that failed on the way (a broken connection, which is made again;
+    /// a timeout; an HTTP 5xx; EIO from an NBD server); 0 turns retries off.
+    #[arg(long, value_name = "N", default_value_t = RetryPolicy::default().attempts)]
+    pub retries: u32,
+    /// Seconds after a request first failed in which retries may start.
+    #[arg(long, value_name = "SECONDS", default_value_t = RetryPolicy::default().timeout.as_secs())]
+    pub retry_timeout: u64,
 }
 
-/// The command a placeholder word stands for.
-pub fn subprocess_argv(word: &str) -> Option<Vec<String>> {
-    let n: usize = word.strip_prefix(PLACEHOLDER)?.parse().ok()?;
-    SUBPROCESSES.get()?.get(n).cloned()
+impl HttpArgs {
+    pub fn settings(&self) -> HttpSettings {
+        HttpSettings {
+            ca_file: self.cafile.clone(),
+            insecure: self.insecure,
+            unix_socket: !self.no_unix_socket,
+        }
+    }
+
+    /// How requests of every endpoint are retried.
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.retries,
+            timeout: Duration::from_secs(self.retry_timeout),
+        }
+    }
+}
+
+/// Options for a command that reads one endpoint with these flags and no others.
+pub fn read_options(nbd: &NbdArgs, http: &HttpArgs, connections: usize) -> endpoints::OpenOptions {
+    endpoints::OpenOptions {
+        nbd: nbd.options(),
+        http: http.settings(),
+        connections,
+        retry: http.retry(),
+        ..endpoints::OpenOptions::default()
+    }
+}
+
+/// A library error with its exit code: the user's words are usage errors.
+pub fn failure(e: endpoints::Error) -> Failure {
+    Failure {
+        code: if e.is_usage() {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILED
+        },
+        error: e.into(),
+    }
+}
+
+/// What a command-line word names.
+pub fn spec(word: &str) -> Result<Spec, Failure> {
+    Spec::parse(word).map_err(failure)
+}
+
+/// Opens `spec` as `role`.
+pub async fn open(
+    spec: &Spec,
+    role: Role,
+    opts: &endpoints::OpenOptions,
+) -> Result<Opened, Failure> {
+    endpoints::open(spec, role, opts).await.map_err(failure)
 }

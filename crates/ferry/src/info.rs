@@ -8,8 +8,10 @@ use nbd::proto::HeaderMode;
 use nbd::proto::consts::{TFLAG_CAN_MULTI_CONN, transmission_flag_names};
 use serde_json::json;
 
-use crate::endpoint::{NbdArgs, Target};
-use crate::Failure;
+use endpoints::{Role, Spec};
+
+use crate::endpoint::{HttpArgs, NbdArgs, failure, read_options, spec};
+use crate::{Failure, usage};
 
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
@@ -24,21 +26,24 @@ pub struct InfoArgs {
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
-    pub http: crate::copy_cmd::HttpArgs,
+    pub http: HttpArgs,
 }
 
 pub async fn run(args: InfoArgs) -> Result<(), Failure> {
-    match Target::parse(&args.target)? {
-        Target::Http(url) => {
+    let target = spec(&args.target)?;
+    match &target {
+        Spec::Http(url) => {
             if args.list {
-                return Err(crate::usage("--list needs an NBD URI"));
+                return Err(usage("--list needs an NBD URI"));
             }
-            let ep = imageio::open(&url, &args.http.options(1, false)).await?;
-            print_http(&url, &ep, args.json);
+            let opts = read_options(&args.nbd, &args.http, 1);
+            let opened = crate::endpoint::open(&target, Role::Source, &opts).await?;
+            let ep = opened.http.expect("an http spec opens an HTTP endpoint");
+            print_http(url, &ep, args.json);
             Ok(())
         }
-        Target::Nbd(uri) => {
-            let mut opts = args.nbd.connect_options(&uri)?;
+        Spec::Nbd(uri) => {
+            let mut opts = args.nbd.options().connect_options(uri).map_err(failure)?;
             if args.list {
                 let exports = opts
                     .list_exports()
@@ -47,8 +52,8 @@ pub async fn run(args: InfoArgs) -> Result<(), Failure> {
                 print_list(&exports, args.json);
                 return Ok(());
             }
-            opts.list_meta_contexts = true;
-            opts.full_info = true;
+            opts.settings.list_meta_contexts = true;
+            opts.settings.full_info = true;
             let conn = opts
                 .connect()
                 .await
@@ -57,19 +62,23 @@ pub async fn run(args: InfoArgs) -> Result<(), Failure> {
             conn.disconnect().await;
             Ok(())
         }
-        Target::File(path) => {
+        Spec::Path(path) => {
             if args.list {
-                return Err(crate::usage("--list needs an NBD URI"));
+                return Err(usage("--list needs an NBD URI"));
             }
-            let meta = std::fs::metadata(&path)
+            let meta = std::fs::metadata(path)
                 .with_context(|| format!("reading metadata of {}", path.display()))?;
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let size = disk::file_extents::file_size(&file)
                 .with_context(|| format!("reading the size of {}", path.display()))?;
             print_file(&path.display().to_string(), &meta, size, args.json);
             Ok(())
         }
+        _ => Err(usage(format!(
+            "{}: info describes an NBD export, an http(s) URL or a local file",
+            args.target
+        ))),
     }
 }
 

@@ -83,9 +83,7 @@ pub fn usage(msg: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(endpoint::extract_subprocesses(
-        std::env::args_os().collect(),
-    ));
+    let cli = Cli::parse_from(endpoints::extract_commands(std::env::args_os().collect()));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

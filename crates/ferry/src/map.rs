@@ -10,7 +10,9 @@ use nbd::proto::consts::{
     STATE_ZERO,
 };
 
-use crate::endpoint::{NbdArgs, Target};
+use endpoints::{Role, Spec};
+
+use crate::endpoint::{HttpArgs, NbdArgs, failure, read_options, spec};
 use crate::{Failure, usage};
 
 /// Bytes of the image examined per step.
@@ -29,7 +31,7 @@ pub struct MapArgs {
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
-    pub http: crate::copy_cmd::HttpArgs,
+    pub http: HttpArgs,
 }
 
 /// One output row; consecutive rows of equal type are merged before printing.
@@ -133,17 +135,24 @@ pub async fn run(args: MapArgs) -> Result<(), Failure> {
         printed: 0,
         held: None,
     };
-    match Target::parse(&args.target)? {
-        Target::Nbd(uri) => map_nbd(&uri, &args, &mut printer).await?,
-        Target::Http(url) => map_http(&url, &args, &mut printer).await?,
-        Target::File(path) => {
+    let target = spec(&args.target)?;
+    match &target {
+        Spec::Nbd(uri) => map_nbd(uri, &args, &mut printer).await?,
+        Spec::Http(url) => map_http(&target, url, &args, &mut printer).await?,
+        Spec::Path(path) => {
             if args.context != CONTEXT_BASE_ALLOCATION {
                 return Err(usage(format!(
                     "a local file has only the {CONTEXT_BASE_ALLOCATION} context, not {}",
                     args.context
                 )));
             }
-            map_file(&path, &mut printer)?;
+            map_file(path, &mut printer)?;
+        }
+        _ => {
+            return Err(usage(format!(
+                "{}: map reads an NBD export, an http(s) URL or a local file",
+                args.target
+            )));
         }
     }
     printer.finish().context("writing the map")?;
@@ -155,9 +164,9 @@ async fn map_nbd(
     args: &MapArgs,
     printer: &mut Printer<'_>,
 ) -> Result<(), Failure> {
-    let mut opts = args.nbd.connect_options(uri)?;
-    opts.meta_contexts = vec![args.context.clone()];
-    opts.list_meta_contexts = true;
+    let mut opts = args.nbd.options().connect_options(uri).map_err(failure)?;
+    opts.settings.meta_contexts = vec![args.context.clone()];
+    opts.settings.list_meta_contexts = true;
     let client = nbd::Client::connect(&opts, 1)
         .await
         .with_context(|| format!("connecting to {uri}"))?;
@@ -213,7 +222,12 @@ async fn map_nbd(
 
 /// An imageio URL's extents: `zero` context as base:allocation values (a qcow2 hole is
 /// `hole,zero`), `dirty` context (or a dirty bitmap name) as dirty/clean.
-async fn map_http(url: &str, args: &MapArgs, printer: &mut Printer<'_>) -> Result<(), Failure> {
+async fn map_http(
+    target: &Spec,
+    url: &str,
+    args: &MapArgs,
+    printer: &mut Printer<'_>,
+) -> Result<(), Failure> {
     use disk::Endpoint;
     let dirty = args.context == "dirty" || args.context.starts_with(CONTEXT_DIRTY_BITMAP_PREFIX);
     if !dirty && args.context != CONTEXT_BASE_ALLOCATION {
@@ -226,7 +240,9 @@ async fn map_http(url: &str, args: &MapArgs, printer: &mut Printer<'_>) -> Resul
         // Rows are described as dirty/clean.
         printer.context = format!("{CONTEXT_DIRTY_BITMAP_PREFIX}imageio");
     }
-    let ep = imageio::open(url, &args.http.options(1, false)).await?;
+    let opts = read_options(&args.nbd, &args.http, 1);
+    let opened = crate::endpoint::open(target, Role::Source, &opts).await?;
+    let ep = opened.http.expect("an http spec opens an HTTP endpoint");
     let size = ep.caps().size.unwrap_or(0);
     if !dirty && !ep.caps().extents {
         return Err(anyhow::anyhow!("{url}: the server does not offer extents").into());

@@ -243,7 +243,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn connect(rt: &tokio::runtime::Runtime, uri: &str) -> nbd::client::Client {
     let uri: nbd::uri::NbdUri = uri.parse().unwrap();
     let mut opts = nbd::client::ConnectOptions::from_uri(&uri);
-    opts.timeout = Duration::from_secs(10);
+    opts.settings.timeout = Duration::from_secs(10);
     rt.block_on(nbd::client::Client::connect(&opts, 1))
         .expect("connecting")
 }

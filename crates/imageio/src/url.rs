@@ -22,6 +22,8 @@ impl fmt::Display for UrlError {
     }
 }
 
+impl std::error::Error for UrlError {}
+
 /// True for strings ferry should open as HTTP endpoints.
 pub fn is_http_url(s: &str) -> bool {
     let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();

@@ -10,5 +10,5 @@ pub mod server;
 pub mod tls;
 pub mod uri;
 
-pub use client::{Client, ConnectOptions, Connection, Negotiated, Reply};
+pub use client::{Client, ClientSettings, ConnectOptions, Connection, Negotiated, Reply};
 pub use error::{Error, Result};

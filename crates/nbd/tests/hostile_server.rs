@@ -376,7 +376,7 @@ async fn none_chunk_without_done() {
 async fn stalled_server_times_out() {
     guard(async {
         let (_dir, mut opts) = serve_request(Setup::default(), |s, _req| s.hold());
-        opts.timeout = Duration::from_millis(300);
+        opts.settings.timeout = Duration::from_millis(300);
         let conn = opts.connect().await.expect("handshake");
         let start = Instant::now();
         let err = conn.call(CMD_READ, 0, 0, 4096, None).await.unwrap_err();
@@ -397,7 +397,7 @@ async fn slow_reply_after_idle_is_not_a_stall() {
                 .await;
             s.hold().await;
         });
-        opts.timeout = Duration::from_millis(600);
+        opts.settings.timeout = Duration::from_millis(600);
         let conn = opts.connect().await.expect("handshake");
         tokio::time::sleep(Duration::from_millis(450)).await;
         let reply = conn.call(CMD_READ, 0, 0, 4096, None).await;

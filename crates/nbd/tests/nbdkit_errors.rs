@@ -180,7 +180,7 @@ async fn stalled_server_times_out() {
             .args(&["size=1M", "delay-read=1500ms"])
             .start();
         let mut o = peer_opts(&peer, Headers::Extended, &[]);
-        o.timeout = Duration::from_millis(500);
+        o.settings.timeout = Duration::from_millis(500);
         let client = nbd::Client::connect(&o, 1).await.expect("connect");
         tokio::time::sleep(Duration::from_millis(700)).await;
         client

@@ -248,7 +248,7 @@ async fn list_exports_and_export_names() {
         );
 
         let mut o = peer_opts(&peer, Headers::Extended, &[]);
-        o.full_info = true;
+        o.settings.full_info = true;
         let client = Client::connect(&o, 1).await.expect("named export");
         assert_eq!(client.info().export, "vm disk");
         assert_eq!(

@@ -159,7 +159,7 @@ async fn listing_and_unknown_contexts() {
             .start();
         for headers in [Headers::Extended, Headers::Compact] {
             let mut o = peer_opts(&peer, headers, &["qemu:dirty-bitmap:nope", "nope:x"]);
-            o.list_meta_contexts = true;
+            o.settings.list_meta_contexts = true;
             let client = nbd::Client::connect(&o, 1).await.expect("connect");
             let offered = &client.info().offered_contexts;
             for name in [BASE, CONTEXT_ALLOCATION_DEPTH, "qemu:dirty-bitmap:b0"] {

@@ -21,7 +21,7 @@ async fn multi_conn_with_shared_4() {
         let mut model = layout.expected();
         let peer = QemuNbd::new(&img).shared(4).start();
         let mut o = peer_opts(&peer, Headers::Extended, &[]);
-        o.max_in_flight = 64;
+        o.settings.max_in_flight = 64;
         let client = Client::connect(&o, 4).await.expect("four connections");
         assert!(client.info().has_flag(TFLAG_CAN_MULTI_CONN));
         assert_eq!(client.connections().len(), 4);
@@ -89,7 +89,7 @@ async fn single_conn_without_shared() {
         let expected = layout.expected();
         let peer = QemuNbd::new(&img).read_only().start();
         let mut o = peer_opts(&peer, Headers::Extended, &[]);
-        o.max_in_flight = 256;
+        o.settings.max_in_flight = 256;
         let client = Client::connect(&o, 4).await.expect("connect");
         assert!(!client.info().has_flag(TFLAG_CAN_MULTI_CONN));
         assert_eq!(client.connections().len(), 1);
@@ -129,7 +129,7 @@ async fn disconnect_waits_for_requests_in_flight() {
         let expected = layout.expected();
         let peer = QemuNbd::new(&img).read_only().start();
         let mut o = peer_opts(&peer, Headers::Extended, &[]);
-        o.max_in_flight = 128;
+        o.settings.max_in_flight = 128;
         let client = Client::connect(&o, 1).await.unwrap();
         let conn = client.connections()[0].clone();
         let mut pending = Vec::new();

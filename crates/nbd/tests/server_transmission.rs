@@ -401,7 +401,7 @@ async fn block_status_req_one() {
         }
         // Without a negotiated context, BLOCK_STATUS is refused.
         let mut o = server.opts(HeaderMode::Structured);
-        o.meta_contexts.clear();
+        o.settings.meta_contexts.clear();
         let client = Client::connect(&o, 1).await.unwrap();
         let e = errno(
             conn(&client).call(CMD_BLOCK_STATUS, 0, 0, 4096, None).await,

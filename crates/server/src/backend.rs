@@ -85,14 +85,14 @@ impl Backend {
             }
             BackendUrl::Nbd(uri) => {
                 let mut opts = nbd::ConnectOptions::from_uri(uri);
-                opts.meta_contexts = vec![
+                opts.settings.meta_contexts = vec![
                     CONTEXT_BASE_ALLOCATION.to_string(),
                     CONTEXT_ALLOCATION_DEPTH.to_string(),
                 ];
                 if spec.dirty
                     && let Some(bitmap) = first_dirty_bitmap(&spec.url, &opts).await?
                 {
-                    opts.meta_contexts.push(bitmap);
+                    opts.settings.meta_contexts.push(bitmap);
                 }
                 // A request of a client fails at once when the backend does, as the reference
                 // daemon's do: the client decides whether to send it again.
@@ -250,8 +250,8 @@ async fn first_dirty_bitmap(
     opts: &nbd::ConnectOptions,
 ) -> Result<Option<String>, DiskError> {
     let mut probe = opts.clone();
-    probe.list_meta_contexts = true;
-    probe.meta_contexts = Vec::new();
+    probe.settings.list_meta_contexts = true;
+    probe.settings.meta_contexts = Vec::new();
     let conn = probe
         .connect()
         .await

@@ -99,7 +99,10 @@ mod tests {
             );
         }
         let huge = "99999999999999999999G";
-        assert_eq!(parse_size(huge).unwrap_err().to_string(), format!("too large: {huge}"));
+        assert_eq!(
+            parse_size(huge).unwrap_err().to_string(),
+            format!("too large: {huge}")
+        );
         assert!(parse_size("16777216T").is_err());
     }
 

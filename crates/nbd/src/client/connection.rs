@@ -247,13 +247,14 @@ impl Connection {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let capacity = opts
+            .settings
             .max_in_flight
             .clamp(1, Semaphore::MAX_PERMITS.min(1 << 20)) as u32;
         let reader = Reader {
             rd: BufReader::with_capacity(64 * 1024, rd),
             shared: shared.clone(),
             mode: info.mode,
-            timeout: opts.timeout,
+            timeout: opts.settings.timeout,
             context_ids: info.contexts.iter().map(|(_, id)| *id).collect(),
         };
         tokio::spawn(reader.run());
@@ -262,7 +263,7 @@ impl Connection {
             rx,
             shared.clone(),
             info.mode,
-            opts.timeout,
+            opts.settings.timeout,
         ));
         Connection {
             inner: Arc::new(Inner {

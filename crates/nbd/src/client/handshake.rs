@@ -226,20 +226,20 @@ impl Handshake {
     /// Negotiates everything up to and including GO (or EXPORT_NAME).
     pub async fn negotiate(mut self, opts: &ConnectOptions) -> Result<(BoxStream, Negotiated)> {
         let mut mode = HeaderMode::Simple;
-        if self.fixed_newstyle && opts.extended_headers {
+        if self.fixed_newstyle && opts.settings.extended_headers {
             match self.simple_option(OPT_EXTENDED_HEADERS).await? {
                 Ok(()) => mode = HeaderMode::Extended,
                 Err(e) => self.fail_on_tls_reqd(e)?,
             }
         }
-        if self.fixed_newstyle && mode == HeaderMode::Simple && opts.structured_replies {
+        if self.fixed_newstyle && mode == HeaderMode::Simple && opts.settings.structured_replies {
             match self.simple_option(OPT_STRUCTURED_REPLY).await? {
                 Ok(()) => mode = HeaderMode::Structured,
                 Err(e) => self.fail_on_tls_reqd(e)?,
             }
         }
         let mut offered_contexts = Vec::new();
-        if mode != HeaderMode::Simple && opts.list_meta_contexts {
+        if mode != HeaderMode::Simple && opts.settings.list_meta_contexts {
             let request = MetaContextRequest {
                 export: opts.export.clone(),
                 queries: Vec::new(),
@@ -262,10 +262,10 @@ impl Handshake {
             }
         }
         let mut contexts = Vec::new();
-        if mode != HeaderMode::Simple && !opts.meta_contexts.is_empty() {
+        if mode != HeaderMode::Simple && !opts.settings.meta_contexts.is_empty() {
             let request = MetaContextRequest {
                 export: opts.export.clone(),
-                queries: opts.meta_contexts.clone(),
+                queries: opts.settings.meta_contexts.clone(),
             };
             let replies = self
                 .exchange(OptionRequest::meta_context(OPT_SET_META_CONTEXT, &request))
@@ -308,7 +308,7 @@ impl Handshake {
             export_name_fallback: false,
         };
         let mut infos = vec![INFO_BLOCK_SIZE];
-        if opts.full_info {
+        if opts.settings.full_info {
             infos.extend([INFO_NAME, INFO_DESCRIPTION]);
         }
         let go = InfoRequest {

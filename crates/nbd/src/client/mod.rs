@@ -28,13 +28,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on requests in flight on one connection (nbdcopy's `--requests`).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
-/// How to reach an export and what to negotiate.
+/// How a client behaves on any connection, wherever the server is: what to negotiate and how
+/// long to wait. Kept apart from the address so a caller can settle them before the server
+/// exists (a server started for one copy binds its socket later).
 #[derive(Debug, Clone)]
-pub struct ConnectOptions {
-    pub transport: Transport,
-    pub export: String,
-    /// STARTTLS with these settings; when set, TLS is mandatory.
-    pub tls: Option<TlsOptions>,
+pub struct ClientSettings {
     pub structured_replies: bool,
     pub extended_headers: bool,
     /// Meta contexts to select (SET_META_CONTEXT), e.g. `base:allocation`.
@@ -49,12 +47,9 @@ pub struct ConnectOptions {
     pub max_in_flight: usize,
 }
 
-impl ConnectOptions {
-    pub fn new(transport: Transport, export: impl Into<String>) -> Self {
-        ConnectOptions {
-            transport,
-            export: export.into(),
-            tls: None,
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
             structured_replies: true,
             extended_headers: true,
             meta_contexts: Vec::new(),
@@ -63,6 +58,36 @@ impl ConnectOptions {
             timeout: DEFAULT_TIMEOUT,
             handshake_timeout: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// How to reach an export and what to negotiate.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub transport: Transport,
+    pub export: String,
+    /// STARTTLS with these settings; when set, TLS is mandatory.
+    pub tls: Option<TlsOptions>,
+    pub settings: ClientSettings,
+}
+
+impl ConnectOptions {
+    pub fn new(transport: Transport, export: impl Into<String>) -> Self {
+        ConnectOptions::with_settings(transport, export, ClientSettings::default())
+    }
+
+    /// Options for `export` at `transport`, behaving as `settings` say (no TLS).
+    pub fn with_settings(
+        transport: Transport,
+        export: impl Into<String>,
+        settings: ClientSettings,
+    ) -> Self {
+        ConnectOptions {
+            transport,
+            export: export.into(),
+            tls: None,
+            settings,
         }
     }
 
@@ -99,7 +124,10 @@ impl ConnectOptions {
     }
 
     async fn handshake(&self) -> Result<handshake::Handshake> {
-        let deadline = self.handshake_timeout.unwrap_or(self.timeout);
+        let deadline = self
+            .settings
+            .handshake_timeout
+            .unwrap_or(self.settings.timeout);
         let stream = connect_transport(&self.transport, deadline).await?;
         let hs = handshake::Handshake::start(stream, deadline).await?;
         match &self.tls {

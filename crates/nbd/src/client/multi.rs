@@ -44,9 +44,10 @@ impl Client {
             // accepts the socket but withholds the greeting): extra connections get a short
             // handshake deadline, and the copy goes on with those that made it.
             let mut extra = opts.clone();
-            extra.handshake_timeout = Some(
-                opts.handshake_timeout
-                    .unwrap_or(opts.timeout)
+            extra.settings.handshake_timeout = Some(
+                opts.settings
+                    .handshake_timeout
+                    .unwrap_or(opts.settings.timeout)
                     .min(EXTRA_CONNECTION_TIMEOUT),
             );
             let mut tasks = Vec::new();

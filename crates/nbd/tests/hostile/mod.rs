@@ -217,8 +217,8 @@ where
         script(server).await;
     });
     let mut opts = ConnectOptions::new(Transport::Unix { path }, "disk");
-    opts.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.to_string()];
-    opts.timeout = Duration::from_secs(5);
+    opts.settings.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.to_string()];
+    opts.settings.timeout = Duration::from_secs(5);
     (dir, opts)
 }
 

@@ -49,8 +49,8 @@ impl Headers {
             Headers::Compact => (true, false),
             Headers::Simple => (false, false),
         };
-        opts.structured_replies = structured;
-        opts.extended_headers = extended;
+        opts.settings.structured_replies = structured;
+        opts.settings.extended_headers = extended;
     }
 
     /// The mode a server that supports everything ends up in.
@@ -69,7 +69,7 @@ pub fn opts(uri: &str) -> ConnectOptions {
         .parse()
         .unwrap_or_else(|e| panic!("peer URI {uri} does not parse: {e}"));
     let mut o = ConnectOptions::from_uri(&parsed);
-    o.timeout = CLIENT_TIMEOUT;
+    o.settings.timeout = CLIENT_TIMEOUT;
     o
 }
 
@@ -77,7 +77,7 @@ pub fn opts(uri: &str) -> ConnectOptions {
 pub fn peer_opts(peer: &Peer, headers: Headers, contexts: &[&str]) -> ConnectOptions {
     let mut o = opts(&peer.nbd_uri());
     headers.apply(&mut o);
-    o.meta_contexts = contexts.iter().map(|c| c.to_string()).collect();
+    o.settings.meta_contexts = contexts.iter().map(|c| c.to_string()).collect();
     o
 }
 

@@ -409,12 +409,12 @@ impl TestServer {
             },
             self.name.clone(),
         );
-        o.structured_replies = mode != HeaderMode::Simple;
-        o.extended_headers = mode == HeaderMode::Extended;
+        o.settings.structured_replies = mode != HeaderMode::Simple;
+        o.settings.extended_headers = mode == HeaderMode::Extended;
         if mode != HeaderMode::Simple {
-            o.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.to_owned()];
+            o.settings.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.to_owned()];
         }
-        o.timeout = Duration::from_secs(10);
+        o.settings.timeout = Duration::from_secs(10);
         o
     }
 
