@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 
+use crate::direct;
 use crate::endpoint::{BoxFut, Caps, DiskError, Endpoint, ErrorKind, Op, zero_bytes};
 use crate::extents::Extent;
 use crate::file_extents::{file_extents, file_size};
@@ -21,9 +22,6 @@ use crate::file_extents::{file_extents, file_size};
 /// Requests in flight per pipeline: enough to overlap I/O with the other side; more only
 /// fills memory with buffers waiting for the same disk.
 const FILE_QUEUE_DEPTH: usize = 8;
-
-/// Alignment O_DIRECT needs for buffers, offsets and lengths on common devices.
-const DIRECT_ALIGN: usize = 4096;
 
 // Zeroing methods, disabled one by one when the filesystem says it lacks them.
 const NO_PUNCH: u8 = 1 << 0;
@@ -223,29 +221,17 @@ impl FileEndpoint {
     }
 }
 
-fn aligned(offset: u64, len: usize, ptr: *const u8) -> bool {
-    offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && len.is_multiple_of(DIRECT_ALIGN)
-        && (ptr as usize).is_multiple_of(DIRECT_ALIGN)
-}
-
 impl Inner {
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
         // Over-allocate so an aligned window exists for O_DIRECT; the slice keeps it.
-        let extra = if self.direct.is_some() {
-            DIRECT_ALIGN
+        let (mut buf, start) = if self.direct.is_some() {
+            direct::aligned_buf(len)
         } else {
-            0
-        };
-        let mut buf = bufpool::get(len + extra);
-        let start = if extra == 0 {
-            0
-        } else {
-            (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN
+            (bufpool::get(len), 0)
         };
         let window = &mut buf[start..start + len];
         let file = match &self.direct {
-            Some(d) if aligned(offset, len, window.as_ptr()) => d,
+            Some(d) if direct::is_aligned(offset, len, window.as_ptr()) => d,
             _ => &self.file,
         };
         let mut got = 0;
@@ -262,14 +248,12 @@ impl Inner {
 
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         match &self.direct {
-            Some(d) if aligned(offset, data.len(), data.as_ptr()) => d.write_all_at(data, offset),
-            Some(d)
-                if offset.is_multiple_of(DIRECT_ALIGN as u64)
-                    && data.len().is_multiple_of(DIRECT_ALIGN) =>
-            {
+            Some(d) if direct::is_aligned(offset, data.len(), data.as_ptr()) => {
+                d.write_all_at(data, offset)
+            }
+            Some(d) if direct::is_aligned_range(offset, data.len()) => {
                 // Aligned range, unaligned buffer: copy into an aligned one.
-                let mut buf = bufpool::get(data.len() + DIRECT_ALIGN);
-                let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+                let (mut buf, start) = direct::aligned_buf(data.len());
                 buf[start..start + data.len()].copy_from_slice(data);
                 d.write_all_at(&buf[start..start + data.len()], offset)
             }

@@ -1,6 +1,7 @@
 //! Disk endpoints: local files and block devices, NBD exports, streams and `null:`; their
 //! extents and capabilities, behind one [`Endpoint`] trait the copy engine drives.
 
+pub mod direct;
 pub mod endpoint;
 pub mod export;
 pub mod extents;

@@ -280,10 +280,6 @@ pub(crate) async fn put(
     Ok(resp)
 }
 
-/// Alignment of chunk buffers in memory: O_DIRECT file backends write them without another
-/// copy when buffer, offset and length are all aligned.
-const BUFFER_ALIGN: usize = 4096;
-
 /// One chunk of an upload being filled: `size` bytes for offset `at`, in a pooled buffer whose
 /// window starts at an aligned address.
 struct ChunkBuf {
@@ -296,8 +292,8 @@ struct ChunkBuf {
 
 impl ChunkBuf {
     fn new(at: u64, size: usize) -> ChunkBuf {
-        let buf = bufpool::get(size + BUFFER_ALIGN);
-        let start = buf.as_ptr().align_offset(BUFFER_ALIGN).min(BUFFER_ALIGN);
+        // An aligned window: O_DIRECT file backends write it without another copy.
+        let (buf, start) = disk::direct::aligned_buf(size);
         ChunkBuf {
             at,
             buf,
