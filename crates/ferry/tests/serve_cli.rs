@@ -2,9 +2,10 @@
 //! tickets, the ready file, the admin client's sub-commands, usage errors, and clean shutdown
 //! on SIGTERM.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use testutil::FerryServe;
 
 const MIB: u64 = 1 << 20;
 
@@ -12,87 +13,9 @@ fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
-/// A running `ferry serve`, stopped with SIGTERM when dropped.
-struct Serve {
-    child: Child,
-    ready: serde_json::Value,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Path, args: &[&str]) -> Serve {
-        let ready = dir.join("ready.json");
-        let log = dir.join("serve.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = ferry()
-            .arg("serve")
-            .args(args)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut s = Serve {
-            child,
-            ready: serde_json::Value::Null,
-            log,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ready)
-                && let Ok(v) = serde_json::from_str(&text)
-            {
-                s.ready = v;
-                return s;
-            }
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("ferry serve exited ({status}):\n{}", s.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no ready file:\n{}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn port(&self) -> u16 {
-        let remote = self.ready["remote"].as_str().unwrap();
-        remote.rsplit_once(':').unwrap().1.parse().unwrap()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                panic!("ferry serve ignored SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `ferry serve ARGS` and waits for its ready file.
+fn serve(dir: &Path, args: &[&str]) -> FerryServe {
+    FerryServe::start(Path::new(env!("CARGO_BIN_EXE_ferry")), dir, args)
 }
 
 fn ticket(control: &str, args: &[&str]) -> Output {
@@ -139,7 +62,7 @@ fn serve_with_flags_tickets_and_the_admin_client() {
     let control = dir.path().join("control.sock").display().to_string();
     let local = dir.path().join("local.sock").display().to_string();
     let boot_arg = boot.display().to_string();
-    let mut srv = Serve::start(
+    let mut srv = serve(
         dir.path(),
         &[
             "--listen",
@@ -153,10 +76,10 @@ fn serve_with_flags_tickets_and_the_admin_client() {
             &boot_arg,
         ],
     );
-    assert_eq!(srv.ready["control"], control.as_str());
-    assert_eq!(srv.ready["local"], local.as_str());
+    assert_eq!(srv.ready()["control"], control.as_str());
+    assert_eq!(srv.ready()["local"], local.as_str());
     assert!(
-        srv.ready["remote"]
+        srv.ready()["remote"]
             .as_str()
             .unwrap()
             .starts_with("127.0.0.1:")
@@ -267,9 +190,9 @@ fn serve_from_a_config_file_with_tls() {
     )
     .unwrap();
     let config_arg = config.display().to_string();
-    let srv = Serve::start(dir.path(), &["--config", &config_arg]);
-    assert!(srv.ready["local"].is_null());
-    let control = srv.ready["control"].as_str().unwrap().to_string();
+    let srv = serve(dir.path(), &["--config", &config_arg]);
+    assert!(srv.ready()["local"].is_null());
+    let control = srv.ready()["control"].as_str().unwrap().to_string();
     let url = format!("file://{}", disk.display());
     let out = ferry()
         .args([

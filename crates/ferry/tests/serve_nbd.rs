@@ -5,12 +5,12 @@
 //! empty export list, DELETE under a connected client, OPTIONS' `nbd_url`, and TCP with and
 //! without TLS.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use testutil::outcome::{Outcome, run_outcome};
-use testutil::{Layout, MapExtent};
+use testutil::{FerryServe, Layout, MapExtent};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -29,11 +29,9 @@ fn outcome(cmd: &mut Command) -> Outcome {
     run_outcome(cmd, TOOL_TIMEOUT)
 }
 
-/// A running `ferry serve` with a control socket, killed and reaped when dropped.
+/// A running `ferry serve` with a control socket.
 struct Serve {
-    child: Child,
-    ready: serde_json::Value,
-    log: PathBuf,
+    serve: FerryServe,
     control: String,
 }
 
@@ -41,50 +39,22 @@ impl Serve {
     /// Starts `ferry serve ARGS --control-socket DIR/control.sock` and waits (bounded) for its
     /// ready file.
     fn start(dir: &Path, args: &[&str]) -> Serve {
-        let ready = dir.join("ready.json");
-        let log = dir.join("serve.log");
         let control = dir.join("control.sock").display().to_string();
-        let out = std::fs::File::create(&log).unwrap();
-        let child = ferry()
-            .arg("serve")
-            .args(args)
-            .args(["--control-socket", &control])
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut s = Serve {
-            child,
-            ready: serde_json::Value::Null,
-            log,
+        let mut all = args.to_vec();
+        all.extend(["--control-socket", &control]);
+        let bin = Path::new(env!("CARGO_BIN_EXE_ferry"));
+        Serve {
+            serve: FerryServe::start(bin, dir, &all),
             control,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ready)
-                && let Ok(v) = serde_json::from_str(&text)
-            {
-                s.ready = v;
-                return s;
-            }
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("ferry serve exited ({status}):\n{}", s.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no ready file:\n{}",
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    fn ready(&self) -> &serde_json::Value {
+        self.serve.ready()
+    }
+
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.serve.log()
     }
 
     /// Runs `ferry ticket --control-socket … ARGS`.
@@ -124,21 +94,12 @@ impl Serve {
     fn unix_uri(&self, id: &str) -> String {
         format!(
             "nbd+unix:///{id}?socket={}",
-            self.ready["nbd_socket"].as_str().expect("nbd_socket")
+            self.ready()["nbd_socket"].as_str().expect("nbd_socket")
         )
     }
 
-    /// The data service's TCP port (from the ready file's "remote").
     fn port(&self) -> u16 {
-        let remote = self.ready["remote"].as_str().unwrap();
-        remote.rsplit_once(':').unwrap().1.parse().unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.serve.port()
     }
 }
 
@@ -149,7 +110,7 @@ fn serve_unix(dir: &Path) -> Serve {
         dir,
         &["--listen", "127.0.0.1:0", "--no-tls", "--nbd-socket", &sock],
     );
-    assert_eq!(srv.ready["nbd_socket"], sock.as_str());
+    assert_eq!(srv.ready()["nbd_socket"], sock.as_str());
     srv
 }
 
@@ -377,7 +338,7 @@ fn transferred_grows_with_each_nbd_write() {
         let target = format!(
             "driver=raw,offset={},size={MIB},file.driver=nbd,file.path={},file.export=w",
             i * MIB,
-            srv.ready["nbd_socket"].as_str().unwrap()
+            srv.ready()["nbd_socket"].as_str().unwrap()
         );
         outcome(tool("qemu-img").args([
             "convert",
@@ -489,7 +450,7 @@ fn unknown_expired_and_deleted_tickets_are_refused_and_list_is_empty() {
     assert_eq!(nbdinfo_size(&srv.unix_uri("live-ticket")), MIB);
 
     // LIST reveals nothing.
-    let sock = srv.ready["nbd_socket"].as_str().unwrap().to_string();
+    let sock = srv.ready()["nbd_socket"].as_str().unwrap().to_string();
     let list_uri = format!("nbd+unix://?socket={sock}");
     let out = outcome(tool("nbdinfo").args(["--list", "--json", &list_uri]));
     let v: serde_json::Value = serde_json::from_str(out.expect_success()).unwrap();
@@ -630,7 +591,7 @@ fn nbd_over_tcp_without_tls() {
         ],
     );
     srv.add("tcp", &disk, 512 * KIB, "read");
-    let addr = srv.ready["nbd_listen"].as_str().expect("nbd_listen");
+    let addr = srv.ready()["nbd_listen"].as_str().expect("nbd_listen");
     assert!(
         addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
         "{addr}"
@@ -677,7 +638,7 @@ fn nbd_over_tcp_requires_tls_when_the_data_service_has_it() {
         ],
     );
     srv.add("secure", &disk, 512 * KIB, "read");
-    let addr = srv.ready["nbd_listen"].as_str().expect("nbd_listen");
+    let addr = srv.ready()["nbd_listen"].as_str().expect("nbd_listen");
     let port = addr.rsplit_once(':').unwrap().1;
 
     // Plain NBD over TCP is refused: TLS is required.

@@ -148,14 +148,9 @@ impl ImageioServer {
         let d = dir.path();
         let control = d.join("control.sock");
         let local = d.join("local.sock");
-        let ready = d.join("ready.json");
-        let log = d.join("serve.log");
         let mut cmd = Command::new(ferry);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--control-socket"])
-            .arg(&control)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info");
+            .arg(&control);
         match opts.tls {
             Some(certs) => {
                 cmd.arg("--tls-cert")
@@ -170,33 +165,18 @@ impl ImageioServer {
         if opts.local_socket {
             cmd.arg("--local-socket").arg(&local);
         }
-        let child = spawn(&mut cmd, &log);
-        let mut server = ImageioServer {
+        let serve = crate::FerryServe::start_command(cmd, d);
+        let port = serve.port();
+        ImageioServer {
             kind: Kind::FerryServe,
-            child: Some(child),
-            port: 0,
+            child: Some(serve.into_child()),
+            port,
             tls: opts.tls.is_some(),
             control,
             local: opts.local_socket.then_some(local),
-            log,
+            log: d.join("serve.log"),
             dir,
-        };
-        let start = Instant::now();
-        server.port = loop {
-            let doc = std::fs::read_to_string(&ready)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-            let port = doc.as_ref().and_then(|v| {
-                let remote = v["remote"].as_str()?;
-                remote.rsplit_once(':')?.1.parse::<u16>().ok()
-            });
-            if let Some(port) = port {
-                break port;
-            }
-            server.check_alive(start, &format!("{cmd:?}"));
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        server
+        }
     }
 
     /// Panics with the log if the server exited or is too slow to start.
@@ -334,7 +314,7 @@ pub fn ticket_json(id: &str, url: &str, size: u64, ops: &[&str]) -> serde_json::
 }
 
 /// Starts `cmd` with its output in `log`, stdin closed, killed with the test process.
-fn spawn(cmd: &mut Command, log: &Path) -> Child {
+pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Child {
     let out = std::fs::File::create(log).expect("creating a server log");
     let err = out.try_clone().expect("duplicating the log file");
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);

@@ -9,6 +9,7 @@
 //!   libnbd expect.
 //! - [`ferry_nbd`]: the real `ferry nbd-server` binary as a peer, ready once it writes its
 //!   `--ready-file`.
+//! - [`ferry_serve`]: the real `ferry serve` binary, ready once it writes its `--ready-file`.
 //! - [`imageio`]: imageio transfer servers (the ovirt-imageio daemon and `ferry serve`) on
 //!   private sockets and free ports, with tickets installed through their control sockets.
 //! - [`outcome`]: running a program that may fail and inspecting how it ended.
@@ -20,6 +21,7 @@
 
 pub mod fault_proxy;
 pub mod ferry_nbd;
+pub mod ferry_serve;
 pub mod image;
 pub mod imageio;
 pub mod nbd_server;
@@ -32,6 +34,7 @@ pub mod tools;
 
 use std::path::PathBuf;
 
+pub use ferry_serve::FerryServe;
 pub use image::{Layout, Segment, make_sparse_image, pseudo_random};
 pub use nbd_server::NbdServer;
 pub use nbdkit::Nbdkit;
