@@ -155,6 +155,18 @@ fn map_of_an_unknown_context_fails() {
         run.stderr
     );
     ferry(["map", "nbd+unix:///"]).run().expect_code(2);
+    // Streams have nothing to describe or map: usage errors, like a malformed URI.
+    for word in ["-", "null:"] {
+        for command in ["info", "map"] {
+            let run = ferry([command, word]).run();
+            assert!(
+                run.expect_code(2)
+                    .contains("an NBD export, an http(s) URL or a local file"),
+                "{}",
+                run.stderr
+            );
+        }
+    }
 }
 
 #[test]
