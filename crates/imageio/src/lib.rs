@@ -10,6 +10,7 @@ mod stream;
 mod transport;
 mod upload;
 pub mod url;
+pub mod wire;
 
 pub use endpoint::{HttpEndpoint, HttpOptions, ServerInfo, open, parse_extents};
 pub use url::{HttpUrl, is_http_url};

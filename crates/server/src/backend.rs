@@ -23,23 +23,8 @@ pub const MAX_CONNECTIONS: u64 = 8;
 /// NBD connections per ticket when the export allows several (CAN_MULTI_CONN).
 const NBD_CONNECTIONS: usize = 4;
 
-/// One item of the dirty context, as the reference reports it since 2.2.0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct DirtyExtent {
-    pub start: u64,
-    pub length: u64,
-    pub dirty: bool,
-    pub zero: bool,
-}
-
-/// One extent as the extents API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ImageExtent {
-    pub start: u64,
-    pub length: u64,
-    pub zero: bool,
-    pub hole: bool,
-}
+/// The extents API's items (zero and dirty contexts), from the imageio wire model.
+pub use imageio::wire::{DirtyExtent, ZeroExtent as ImageExtent};
 
 pub struct Backend {
     pub ep: Arc<dyn Endpoint>,

@@ -24,7 +24,12 @@ use crate::ticket::Access;
 
 /// `{"algorithms": [...]}`, sorted.
 pub(crate) fn algorithms() -> Response<Body> {
-    json(&serde_json::json!({ "algorithms": Algorithm::imageio_names() }))
+    json(&imageio::wire::Algorithms {
+        algorithms: Algorithm::imageio_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
 /// The spec a checksum request asks for, with the reference's messages for bad parameters.
@@ -60,8 +65,9 @@ pub(crate) async fn image_checksum(
     id: &str,
     ctx: &ConnCtx,
 ) -> Result<Response<Body>, HttpError> {
-    let (ticket, backend) = api.open(id, Access::Read, ctx).await?;
+    // Parameters are checked before the ticket, as the reference does.
     let spec = requested_spec(req)?;
+    let (ticket, backend) = api.open(id, Access::Read, ctx).await?;
     // Registered as an operation, so cancelling the ticket knows it runs and ends it.
     let op = ticket.begin(0).map_err(|f| HttpError::forbidden(&f))?;
     ticket.touch();
@@ -79,9 +85,9 @@ pub(crate) async fn image_checksum(
     drop(op);
     // A checksum of a large image takes a while; it counts as activity like a download.
     ticket.touch();
-    Ok(json(&serde_json::json!({
-        "algorithm": spec.algorithm.name(),
-        "block_size": spec.block_size,
-        "checksum": digest.to_hex(),
-    })))
+    Ok(json(&imageio::wire::Checksum {
+        algorithm: spec.algorithm.name(),
+        block_size: spec.block_size,
+        checksum: digest.to_hex(),
+    }))
 }

@@ -58,14 +58,26 @@ impl ControlApi {
         }
         let id = crate::request::decode(raw_id);
         let method = req.method().clone();
+        // An answer that leaves a request body unread closes the connection, or the body
+        // would be parsed as the next request.
+        let unread = crate::request::has_body(req.headers());
+        let reject = |e: HttpError| if unread { e.closing() } else { e };
+        if id.is_empty() && matches!(method, Method::PUT | Method::PATCH) {
+            return Err(reject(HttpError::bad_request("Ticket id is required")));
+        }
         match method {
             Method::PUT => {
                 let body = read_small_body(req.into_body(), ctx.timeout()).await?;
                 self.put(&id, &body)
             }
             Method::GET if id.is_empty() => {
-                let all: Vec<String> = self.store.list().iter().map(|t| t.info_json()).collect();
-                Ok(json_text(format!("[{}]", all.join(", "))))
+                let all: Vec<String> = self
+                    .store
+                    .list()
+                    .iter()
+                    .map(|t| t.info_json().trim_end().to_string())
+                    .collect();
+                Ok(json_text(format!("[{}]\n", all.join(", "))))
             }
             Method::GET => match self.store.get(&id) {
                 Some(t) => Ok(json_text(t.info_json())),
@@ -86,14 +98,14 @@ impl ControlApi {
                     format!("Timeout cancelling transfer {label}"),
                 )),
             },
-            Method::POST | Method::OPTIONS | Method::HEAD => Err(HttpError::new(
+            Method::POST | Method::OPTIONS | Method::HEAD => Err(reject(HttpError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("Method '{method}' not defined for '{path}'"),
-            )),
-            _ => Err(HttpError::new(
+            ))),
+            _ => Err(reject(HttpError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("Invalid method '{method}'"),
-            )),
+            ))),
         }
     }
 

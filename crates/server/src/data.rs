@@ -60,28 +60,9 @@ pub struct DataApi {
     pub nbd_url: Option<crate::server::NbdUrl>,
 }
 
-/// The OPTIONS document, keys in the reference's order; the keys after `max_writers` are
-/// ferry's extensions (clients ignore unknown keys).
-#[derive(Default, serde::Serialize)]
-struct OptionsDoc<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unix_socket: Option<&'a str>,
-    features: &'a [&'a str],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_readers: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_writers: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    min_block_size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    preferred_block_size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_block_size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    nbd_url: Option<String>,
-}
+/// What OPTIONS answers to a CORS preflight: the reference's `OPTIONS,GET,PUT` plus PATCH,
+/// which browsers need for zero and flush.
+const CORS_OPTIONS_METHODS: &str = "OPTIONS,GET,PUT,PATCH";
 
 enum Route<'a> {
     Image(&'a str),
@@ -132,6 +113,9 @@ impl Handler for DataApi {
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
         Box::pin(async move {
             let mut close = false;
+            // CORS headers go on every answer of the resources browsers use, errors included.
+            let cors_methods = cors_methods(req.method(), req.uri().path());
+            let cors_request = cors_methods.map(|_| cors_headers(req.headers()));
             let result = self.dispatch(req, &ctx, &mut close).await;
             let mut resp = match result {
                 Ok(r) => r,
@@ -147,9 +131,38 @@ impl Handler for DataApi {
             if close {
                 close_after(&mut resp);
             }
+            if let (Some(methods), Some(h)) = (cors_methods, cors_request) {
+                cors(&h, resp.headers_mut(), methods);
+            }
             resp
         })
     }
+}
+
+/// The CORS methods answered for `method` on `path`, or `None` where the data API sends no
+/// CORS headers (extents, checksums: the reference's choice; browsers do not use them).
+fn cors_methods(method: &Method, path: &str) -> Option<&'static str> {
+    match (route(path), method) {
+        (Route::Image(_), &Method::OPTIONS) => Some(CORS_OPTIONS_METHODS),
+        (Route::Image(_), &Method::GET | &Method::PUT | &Method::PATCH) => Some("*"),
+        (Route::Info, &Method::GET) => Some("*"),
+        _ => None,
+    }
+}
+
+/// The request headers CORS answers depend on.
+fn cors_headers(req: &http::HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for name in [
+        http::header::ORIGIN,
+        http::header::ACCESS_CONTROL_REQUEST_HEADERS,
+        http::header::ACCESS_CONTROL_REQUEST_METHOD,
+    ] {
+        if let Some(v) = req.get(&name) {
+            out.insert(name, v.clone());
+        }
+    }
+    out
 }
 
 impl DataApi {
@@ -161,39 +174,44 @@ impl DataApi {
     ) -> Result<Response<Body>, HttpError> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        // "METHOD TARGET HTTP/1.1\r\n", as the reference measures it.
+        let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if method.as_str().len() + target_len + 11 > crate::respond::MAX_REQUEST_LINE {
+            return Err(HttpError::uri_too_long());
+        }
+        // An answer that leaves a request body unread closes the connection, or the body
+        // would be parsed as the next request.
+        let unread = crate::request::has_body(req.headers());
+        let reject = |e: HttpError| if unread { e.closing() } else { e };
         if !known_method(&method) {
-            return Err(HttpError::new(
+            return Err(reject(HttpError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("Invalid method '{method}'"),
-            ));
+            )));
         }
         let not_defined = || {
-            HttpError::new(
+            reject(HttpError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("Method '{method}' not defined for '{path}'"),
-            )
+            ))
         };
         match route(&path) {
             Route::Info if self.serves_info => match method {
-                Method::GET | Method::HEAD => {
-                    let mut resp = json(&serde_json::json!({
-                        "version": IMAGEIO_VERSION,
-                        "server": crate::conn::SERVER_NAME,
-                    }));
-                    cors(req.headers(), resp.headers_mut(), "*");
-                    Ok(resp)
-                }
+                Method::GET | Method::HEAD => Ok(json(&imageio::wire::Info {
+                    version: IMAGEIO_VERSION.to_string(),
+                    server: Some(crate::conn::SERVER_NAME.to_string()),
+                })),
                 _ => Err(not_defined()),
             },
             Route::Image(raw_id) => {
                 let id = crate::request::decode(raw_id);
                 if id.is_empty() {
-                    return Err(HttpError::bad_request("Empty ticket id"));
+                    return Err(reject(HttpError::bad_request("Ticket id is required")));
                 }
                 let q = query_pairs(req.uri());
                 *close = yes_no(&q, "close", false)?;
                 match method {
-                    Method::OPTIONS => self.options(&req, &id, ctx).await,
+                    Method::OPTIONS => self.options(&id, ctx).await,
                     Method::GET | Method::HEAD => self.get(&req, &id, ctx).await,
                     Method::PUT => crate::upload::put(self, req, &id, ctx).await,
                     Method::PATCH => crate::upload::patch(self, req, &id, ctx).await,
@@ -218,7 +236,9 @@ impl DataApi {
                 Method::GET => Ok(crate::checksum::algorithms()),
                 _ => Err(not_defined()),
             },
-            _ => Err(HttpError::not_found(format!("No handler for '{path}'"))),
+            _ => Err(reject(HttpError::not_found(format!(
+                "No handler for '{path}'"
+            )))),
         }
     }
 
@@ -240,19 +260,14 @@ impl DataApi {
         Ok((ticket, backend))
     }
 
-    async fn options(
-        &self,
-        req: &Request<Incoming>,
-        id: &str,
-        ctx: &ConnCtx,
-    ) -> Result<Response<Body>, HttpError> {
+    async fn options(&self, id: &str, ctx: &ConnCtx) -> Result<Response<Body>, HttpError> {
         const ALL: &str = "OPTIONS,GET,PUT,PATCH";
         // The reference's fixed order.
         const RW: &[&str] = &["checksum", "extents", "flush", "zero"];
-        let mut doc = OptionsDoc {
-            unix_socket: self.unix_socket.as_deref(),
-            features: RW,
-            ..OptionsDoc::default()
+        let mut doc = imageio::wire::Options {
+            unix_socket: self.unix_socket.clone(),
+            features: RW.iter().map(|f| f.to_string()).collect(),
+            ..imageio::wire::Options::default()
         };
         let allow = if id == "*" {
             ALL
@@ -261,7 +276,7 @@ impl DataApi {
             ticket.touch();
             let write = ticket.spec.allows(Access::Write);
             if !write {
-                doc.features = &["checksum", "extents"];
+                doc.features.truncate(2);
             }
             doc.max_readers = Some(backend.max_readers);
             doc.max_writers = Some(backend.max_writers);
@@ -272,10 +287,9 @@ impl DataApi {
             doc.nbd_url = self.nbd_url.as_ref().map(|u| u.for_ticket(id));
             if write { ALL } else { "OPTIONS,GET" }
         };
-        let mut resp = json_text(serde_json::to_string(&doc).expect("options serialize"));
+        let mut resp = json(&doc);
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
-        cors(req.headers(), resp.headers_mut(), ALL);
         Ok(resp)
     }
 
@@ -285,19 +299,26 @@ impl DataApi {
         id: &str,
         ctx: &Arc<ConnCtx>,
     ) -> Result<Response<Body>, HttpError> {
-        let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
-        let ticket_size = ticket.spec.size;
-        let available = ticket_size.min(backend.size);
-        let (offset, length, partial) = match req.headers().get(RANGE) {
-            None => (0, available, false),
+        // A bad Range is refused before authorization, as the reference does.
+        let range = match req.headers().get(RANGE) {
+            None => None,
             Some(h) => {
                 let text = h.to_str().unwrap_or("<non-ascii>");
-                let r = parse_range(text).map_err(|e| HttpError::range(e.0, None))?;
+                Some(parse_range(text).map_err(|e| HttpError::range(e.0, None))?)
+            }
+        };
+        let (ticket, backend) = self.open(id, Access::Read, ctx).await?;
+        let ticket_size = ticket.spec.size;
+        let total = &ticket.spec.size_text;
+        let available = ticket_size.min(backend.size);
+        let (offset, length, partial) = match range {
+            None => (0, available, false),
+            Some(r) => {
                 let last = r.last.unwrap_or(available.max(1) - 1);
                 if last >= ticket_size || r.first >= ticket_size {
                     return Err(HttpError::range(
                         "Requested range out of allowed range",
-                        Some(ticket_size),
+                        Some(total),
                     ));
                 }
                 if last >= available || r.first >= available {
@@ -306,7 +327,7 @@ impl DataApi {
                             "Requested more bytes than available: {} > {available}",
                             last + 1
                         ),
-                        Some(available),
+                        Some(&available),
                     ));
                 }
                 (r.first, last - r.first + 1, true)
@@ -341,10 +362,9 @@ impl DataApi {
         };
         h.insert(CONTENT_DISPOSITION, disposition);
         if partial {
-            let range = format!("bytes {}-{}/{ticket_size}", offset, offset + length - 1);
+            let range = imageio::wire::ContentRange::format(offset, offset + length - 1, total);
             h.insert(CONTENT_RANGE, HeaderValue::from_str(&range).expect("ascii"));
         }
-        cors(req.headers(), resp.headers_mut(), "*");
         Ok(resp)
     }
 
@@ -388,12 +408,12 @@ impl DataApi {
         if start.checked_add(length).is_none_or(|end| end > available) {
             return Err(HttpError::range(
                 "Requested range out of allowed range",
-                Some(available),
+                Some(&available),
             ));
         }
         let text = if dirty {
             match backend.dirty_extents(start, length).await? {
-                Some(items) => serde_json::to_string(&items).expect("extents serialize"),
+                Some(items) => imageio::wire::to_json(&items),
                 None => {
                     return Err(HttpError::not_found(
                         "Operation not supported: dirty extents need an NBD backend with a \
@@ -402,8 +422,7 @@ impl DataApi {
                 }
             }
         } else {
-            serde_json::to_string(&backend.extents(start, length).await?)
-                .expect("extents serialize")
+            imageio::wire::to_json(&backend.extents(start, length).await?)
         };
         // Counting extents as activity keeps a client that maps a huge image from expiring.
         ticket.touch();

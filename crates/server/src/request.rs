@@ -14,6 +14,15 @@ use crate::respond::HttpError;
 /// Largest JSON body accepted (tickets, PATCH operations).
 pub const MAX_JSON_BODY: usize = 64 << 10;
 
+/// True if the request declares a body (a non-zero `Content-Length`, or chunked framing).
+pub fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
 /// Decoded `key=value` pairs of the query string, in order.
 pub fn query_pairs(uri: &http::Uri) -> Vec<(String, String)> {
     let Some(q) = uri.query() else {

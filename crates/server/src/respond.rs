@@ -1,6 +1,7 @@
 //! Response building shared by every service: the body type, error responses in the
-//! reference's shape (`text/plain; charset=UTF-8`, message and a newline), and the rule that a
-//! failed request whose body was not read closes the connection.
+//! reference's shape (`text/plain; charset=UTF-8`, message and a newline), JSON in the
+//! reference's text form, the rule that a failed request whose body was not read closes the
+//! connection, and [`backend_error`], the one place a backend failure becomes a status.
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -25,7 +26,13 @@ pub struct HttpError {
     /// Close the connection after answering (authorization failures, unread bodies).
     pub close: bool,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Sent as `text/html` (the reference's stock pages) instead of `text/plain`.
+    html: bool,
 }
+
+/// The longest request line (method, target and version) the reference reads; longer ones
+/// are 414.
+pub const MAX_REQUEST_LINE: usize = 4096;
 
 impl HttpError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
@@ -34,6 +41,7 @@ impl HttpError {
             message: message.into(),
             close: false,
             headers: Vec::new(),
+            html: false,
         }
     }
 
@@ -54,15 +62,25 @@ impl HttpError {
         .closing()
     }
 
-    /// 416, with `content-range: bytes */TOTAL` when the valid size is known.
-    pub fn range(message: impl Into<String>, total: Option<u64>) -> Self {
+    /// 416, with `content-range: bytes */TOTAL` when the valid size is known (text, so a
+    /// ticket size beyond u64 is echoed exactly).
+    pub fn range(message: impl Into<String>, total: Option<&dyn std::fmt::Display>) -> Self {
         let mut e = Self::new(StatusCode::RANGE_NOT_SATISFIABLE, message);
         if let Some(t) = total {
+            let value = imageio::wire::ContentRange::unsatisfied(&t.to_string());
             e.headers.push((
                 http::header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{t}")).expect("ascii"),
+                HeaderValue::from_str(&value).expect("ascii"),
             ));
         }
+        e
+    }
+
+    /// 414 for a request line over [`MAX_REQUEST_LINE`], shaped like the reference's (Python's
+    /// stock HTML error page), closing.
+    pub fn uri_too_long() -> Self {
+        let mut e = Self::new(StatusCode::URI_TOO_LONG, "Request-URI Too Long").closing();
+        e.html = true;
         e
     }
 
@@ -78,15 +96,22 @@ impl HttpError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut text = self.message;
-        text.push('\n');
+        let (text, content_type) = if self.html {
+            let code = self.status.as_u16();
+            let page = format!(
+                "<!DOCTYPE HTML>\n<html lang=\"en\">\n<head><title>Error response</title></head>\n\
+                 <body>\n<h1>Error response</h1>\n<p>Error code: {code}</p>\n\
+                 <p>Message: {}.</p>\n</body>\n</html>\n",
+                self.message
+            );
+            (page, "text/html;charset=utf-8")
+        } else {
+            (self.message + "\n", "text/plain; charset=UTF-8")
+        };
         let mut resp = Response::new(full(text));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=UTF-8"),
-        );
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         for (k, v) in self.headers {
             h.insert(k, v);
         }
@@ -99,8 +124,38 @@ impl HttpError {
 
 impl From<disk::DiskError> for HttpError {
     fn from(e: disk::DiskError) -> Self {
-        HttpError::internal(e)
+        backend_error(&e)
     }
+}
+
+/// What the client hears about a failed backend operation. This is the only place that
+/// decides it.
+///
+/// ovirt-imageio 2.5 answers every backend failure with `500 Server failed to perform the
+/// request, check logs` — no space, a read-only or missing image, a lost NBD connection, an
+/// NBD error reply alike — and its clients read 500 as "resend everything since the last
+/// flush". A different status for some of them would make a reference client give up (4xx is
+/// "do not retry") where it would have recovered, so ferry answers the same and puts the
+/// condition in the log, where an operator can act on it. (Unsupported operations that the
+/// reference reports as 404 are decided by the handlers that know the operation is optional,
+/// e.g. dirty extents.)
+pub fn backend_error(e: &disk::DiskError) -> HttpError {
+    let condition = match e.errno {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "no space",
+        Some(libc::EROFS) => "read-only backend",
+        Some(libc::EACCES) | Some(libc::EPERM) => "permission denied",
+        Some(libc::ENOENT) | Some(libc::ENXIO) | Some(libc::ENODEV) => "backend not found",
+        Some(libc::EOPNOTSUPP) => "unsupported by the backend",
+        Some(libc::ETIMEDOUT) => "backend timeout",
+        Some(libc::ECONNRESET) | Some(libc::EPIPE) | Some(libc::ESHUTDOWN) => {
+            "backend connection lost"
+        }
+        Some(libc::EINVAL) => "invalid request for the backend",
+        _ => "backend failure",
+    };
+    let status = StatusCode::INTERNAL_SERVER_ERROR;
+    tracing::error!(condition, status = status.as_u16(), "backend failed: {e}");
+    HttpError::new(status, INTERNAL_MESSAGE)
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -113,16 +168,19 @@ pub fn empty_body() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-/// A bodiless response (`content-length: 0`).
+/// A bodiless response. `content-length: 0` is explicit because the reference always sends
+/// it (hyper would leave it out).
 pub fn empty(status: StatusCode) -> Response<Body> {
     let mut resp = Response::new(empty_body());
     *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     resp
 }
 
-/// A JSON response.
-pub fn json(value: &serde_json::Value) -> Response<Body> {
-    json_text(value.to_string())
+/// A JSON response, in the reference's text form.
+pub fn json(value: &impl serde::Serialize) -> Response<Body> {
+    json_text(imageio::wire::to_json(value))
 }
 
 /// A JSON response from already serialized text.

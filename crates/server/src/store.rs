@@ -317,7 +317,7 @@ impl Ticket {
 
     /// The ticket info document as JSON text, keys in the reference's order.
     pub fn info_json(&self) -> String {
-        serde_json::to_string(&self.info_doc()).expect("ticket info serializes")
+        imageio::wire::to_json(&self.info_doc())
     }
 
     fn info_doc(&self) -> TicketInfo<'_> {
@@ -340,7 +340,8 @@ impl Ticket {
             },
             inactivity_timeout: self.spec.inactivity_timeout,
             ops: &self.spec.ops,
-            size: self.spec.size,
+            size: serde_json::value::RawValue::from_string(self.spec.size_text.clone())
+                .expect("a size's text is a JSON number"),
             sparse: self.spec.sparse,
             dirty: self.spec.dirty,
             timeout: self.spec.timeout,
@@ -368,7 +369,7 @@ struct TicketInfo<'a> {
     idle_time: u64,
     inactivity_timeout: u64,
     ops: &'a [String],
-    size: u64,
+    size: Box<serde_json::value::RawValue>,
     sparse: bool,
     dirty: bool,
     timeout: u64,

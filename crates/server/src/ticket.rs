@@ -40,7 +40,11 @@ pub enum BackendUrl {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TicketSpec {
     pub uuid: String,
+    /// Bytes the ticket lets a client address; a larger JSON integer saturates here (it is only
+    /// an upper bound) and keeps its exact text in `size_text`.
     pub size: u64,
+    /// `size` as the document spelled it: echoed in ticket info and in `Content-Range` totals.
+    pub size_text: String,
     /// The `ops` list as given (echoed back verbatim; unknown entries are inert).
     pub ops: Vec<String>,
     pub timeout: u64,
@@ -64,12 +68,23 @@ impl TicketSpec {
                 "Ticket is not a JSON object".to_string(),
             ));
         };
-        Self::from_map(&map).map_err(TicketError::Invalid)
+        Self::from_map(&map, raw_size(body)).map_err(TicketError::Invalid)
     }
 
-    fn from_map(map: &Map<String, Value>) -> Result<TicketSpec, String> {
+    fn from_map(map: &Map<String, Value>, raw_size: Option<String>) -> Result<TicketSpec, String> {
         let uuid = required(map, "uuid", as_str)?;
-        let size = required(map, "size", as_uint)?;
+        let (size, size_text) = match (map.get("size"), raw_size) {
+            // Beyond u64: `Value` holds it as a float, so the digits come from the raw text.
+            (Some(Value::Number(n)), Some(text))
+                if n.as_u64().is_none() && text.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (u64::MAX, text)
+            }
+            _ => {
+                let size = required(map, "size", as_uint)?;
+                (size, size.to_string())
+            }
+        };
         let ops = required(map, "ops", as_str_list)?;
         let timeout = required(map, "timeout", as_uint)?;
         let url = required(map, "url", as_str)?;
@@ -87,6 +102,7 @@ impl TicketSpec {
         Ok(TicketSpec {
             uuid,
             size,
+            size_text,
             ops,
             timeout,
             url,
@@ -129,6 +145,13 @@ impl TicketSpec {
             _ => None,
         }
     }
+}
+
+/// The `size` member's JSON text, when the document is an object that has one.
+fn raw_size(body: &[u8]) -> Option<String> {
+    let map: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(body).ok()?;
+    map.get("size").map(|raw| raw.get().to_string())
 }
 
 /// Why a ticket document was refused.
@@ -232,19 +255,21 @@ pub fn parse_url(url: &str) -> Result<BackendUrl, String> {
     Err(format!("Unsupported url scheme: {scheme}"))
 }
 
-/// Seconds on the monotonic clock (CLOCK_MONOTONIC), the time base of `expires`, as the
-/// reference reports it (`os.times()[4]`).
+/// Seconds on the clock `expires` is reported in: the reference's `os.times()[4]`, that is
+/// `times(2)` in clock ticks. It is monotonic but not CLOCK_MONOTONIC (Linux starts its tick
+/// counter near 2^32 ticks), so a value from ferry and one from the reference on the same host
+/// compare directly.
 pub fn monotonic_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+    let mut buf = libc::tms {
+        tms_utime: 0,
+        tms_stime: 0,
+        tms_cutime: 0,
+        tms_cstime: 0,
     };
-    // SAFETY: clock_gettime writes one timespec through the pointer, which points to a live
-    // local; CLOCK_MONOTONIC is always available on Linux.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    // SAFETY: times writes one struct tms through the pointer, which points to a live local;
+    // sysconf only reads a constant.
+    let (ticks, per_second) = unsafe { (libc::times(&mut buf), libc::sysconf(libc::_SC_CLK_TCK)) };
+    ticks as f64 / per_second.max(1) as f64
 }
 
 #[cfg(test)]
@@ -293,6 +318,28 @@ mod tests {
         assert!(e.is_err());
         let e = parse(r#"[1]"#);
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn sizes_beyond_u64_are_upper_bounds() {
+        let t = parse(
+            r#"{"uuid": "u", "size": 18446744073709551616, "ops": ["read"], "timeout": 1,
+                "url": "file:///x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.size, t.size_text.as_str()),
+            (u64::MAX, "18446744073709551616")
+        );
+        let t =
+            parse(r#"{"uuid": "u", "size": 4096, "ops": [], "timeout": 1, "url": "file:///x"}"#);
+        assert_eq!(t.unwrap().size_text, "4096");
+        for bad in ["1.5", "1e30", "-18446744073709551616"] {
+            let doc = format!(
+                r#"{{"uuid": "u", "size": {bad}, "ops": [], "timeout": 1, "url": "file:///x"}}"#
+            );
+            assert!(parse(&doc).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -20,10 +20,10 @@ use serde_json::Value;
 
 use crate::conn::ConnCtx;
 use crate::data::DataApi;
-use crate::range::parse_content_range;
-use crate::request::{cors, query_pairs, read_small_body, yes_no};
+use crate::request::{query_pairs, read_small_body, yes_no};
 use crate::respond::{Body, HttpError, empty};
 use crate::ticket::Access;
+use imageio::wire::ContentRange;
 
 /// Zeroing runs in steps of this size: a cancellation point between steps, and no single
 /// backend request long enough to hit storage timeouts (iSCSI/LIO).
@@ -50,11 +50,6 @@ pub(crate) async fn put(
     // parsed as the next request.
     let (parts, mut body) = req.into_parts();
     let q = query_pairs(&parts.uri);
-    let flush = yes_no(&q, "flush", true).map_err(HttpError::closing)?;
-    let (ticket, backend) = api
-        .open(id, Access::Write, ctx)
-        .await
-        .map_err(HttpError::closing)?;
     let headers = &parts.headers;
     let chunked = headers.get(TRANSFER_ENCODING).is_some_and(|v| {
         v.to_str()
@@ -70,19 +65,26 @@ pub(crate) async fn put(
                 })?,
         ),
         None if chunked => None,
+        // Without Content-Length or chunked framing the body is empty: nothing is left unread.
         None => {
-            return Err(HttpError::bad_request("Content-Length header is required").closing());
+            return Err(HttpError::bad_request("Content-Length header is required"));
         }
     };
     let offset = match headers.get(CONTENT_RANGE) {
         Some(v) => {
             let text = v.to_str().unwrap_or("<non-ascii>");
-            parse_content_range(text)
-                .map_err(|m| HttpError::bad_request(m).closing())?
+            ContentRange::parse(text)
+                .map_err(|m| HttpError::bad_request(m.0).closing())?
                 .first
         }
         None => 0,
     };
+    // Checked in the reference's order: framing, Content-Range, flush, then the ticket.
+    let flush = yes_no(&q, "flush", true).map_err(HttpError::closing)?;
+    let (ticket, backend) = api
+        .open(id, Access::Write, ctx)
+        .await
+        .map_err(HttpError::closing)?;
     let ticket_size = ticket.spec.size;
     let available = ticket_size.min(backend.size);
     if let Some(len) = content_length {
@@ -90,7 +92,7 @@ pub(crate) async fn put(
         if end.is_none_or(|e| e > ticket_size) {
             return Err(HttpError::range(
                 "Requested range out of allowed range",
-                Some(ticket_size),
+                Some(&ticket.spec.size_text),
             )
             .closing());
         }
@@ -100,13 +102,13 @@ pub(crate) async fn put(
                     "Requested more bytes than available: {} > {available}",
                     offset + len
                 ),
-                Some(available),
+                Some(&available),
             )
             .closing());
         }
     } else if offset > available {
         return Err(
-            HttpError::range("Requested range out of allowed range", Some(available)).closing(),
+            HttpError::range("Requested range out of allowed range", Some(&available)).closing(),
         );
     }
     let limit = match content_length {
@@ -202,6 +204,12 @@ pub(crate) async fn put(
                         continue;
                     }
                     Ok(Some(Err(e))) => {
+                        // What did arrive is written, as the reference does: the client
+                        // resends the failed range either way.
+                        if let Some(b) = buf.take() {
+                            let at = b.at;
+                            submit(&mut writes, at, b.freeze());
+                        }
                         let expected = content_length.map_or("?".to_string(), |l| l.to_string());
                         failure = Some(HttpError::bad_request(format!(
                             "Requested {expected} bytes, available {received} bytes ({e})"
@@ -217,7 +225,7 @@ pub(crate) async fn put(
                 received += data.len() as u64;
                 if offset + received > limit {
                     failure = Some(HttpError::range(
-                        "Requested range out of allowed range", Some(available)).closing());
+                        "Requested range out of allowed range", Some(&available)).closing());
                     body_done = true;
                     continue;
                 }
@@ -275,9 +283,7 @@ pub(crate) async fn put(
         backend.ep.flush().await?;
     }
     drop(op);
-    let mut resp = empty(StatusCode::OK);
-    cors(&parts.headers, resp.headers_mut(), "*");
-    Ok(resp)
+    Ok(empty(StatusCode::OK))
 }
 
 /// One chunk of an upload being filled: `size` bytes for offset `at`, in a pooled buffer whose
@@ -384,7 +390,7 @@ pub(crate) async fn patch(
     api.store
         .authorize(id, Access::Write)
         .map_err(|f| HttpError::forbidden(&f))?;
-    let (parts, body) = req.into_parts();
+    let body = req.into_body();
     let body = read_small_body(body, ctx.timeout()).await?;
     let patch = parse_patch(&body).map_err(HttpError::bad_request)?;
     let (ticket, backend) = api.open(id, Access::Write, ctx).await?;
@@ -398,7 +404,7 @@ pub(crate) async fn patch(
             if end.is_none_or(|e| e > ticket.spec.size) {
                 return Err(HttpError::range(
                     "Requested range out of allowed range",
-                    Some(ticket.spec.size),
+                    Some(&ticket.spec.size_text),
                 ));
             }
             if end.is_none_or(|e| e > backend.size) {
@@ -408,7 +414,7 @@ pub(crate) async fn patch(
                         offset.saturating_add(size),
                         backend.size
                     ),
-                    Some(backend.size),
+                    Some(&backend.size),
                 ));
             }
             let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
@@ -437,9 +443,7 @@ pub(crate) async fn patch(
             drop(op);
         }
     }
-    let mut resp = empty(StatusCode::OK);
-    cors(&parts.headers, resp.headers_mut(), "*");
-    Ok(resp)
+    Ok(empty(StatusCode::OK))
 }
 
 #[cfg(test)]

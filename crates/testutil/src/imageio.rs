@@ -210,6 +210,11 @@ impl ImageioServer {
         self.dir.path()
     }
 
+    /// The control socket (`/tickets/...`).
+    pub fn control_socket(&self) -> &Path {
+        &self.control
+    }
+
     /// The local data socket, when enabled.
     pub fn local_socket(&self) -> Option<&Path> {
         self.local.as_deref()
