@@ -148,22 +148,11 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
     match &options {
         Some(doc) => {
             info.imageio = true;
-            info.features = doc
-                .get("features")
-                .and_then(|f| f.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            info.max_readers = doc.get("max_readers").and_then(|v| v.as_u64());
-            info.max_writers = doc.get("max_writers").and_then(|v| v.as_u64());
-            info.unix_socket = doc
-                .get("unix_socket")
-                .and_then(|v| v.as_str())
-                .map(str::to_string);
-            size = doc.get("size").and_then(|v| v.as_u64());
+            info.features = doc.features.clone();
+            info.max_readers = doc.max_readers;
+            info.max_writers = doc.max_writers;
+            info.unix_socket = doc.unix_socket.clone();
+            size = doc.size;
             // A read-only ticket's OPTIONS allows only OPTIONS and GET; without the header,
             // assume writing is allowed and let the server refuse.
             info.writable = allow
@@ -245,7 +234,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
 async fn probe_options(
     shared: &Shared,
     fail: &Fail,
-) -> Result<(Option<serde_json::Value>, Option<String>), DiskError> {
+) -> Result<(Option<crate::wire::Options>, Option<String>), DiskError> {
     let make = || {
         shared
             .request(Method::OPTIONS, &shared.target)
@@ -269,11 +258,10 @@ async fn probe_options(
         .map_err(|e| fail.hyper(&e))?
         .to_bytes();
     lease.release();
-    let doc = serde_json::from_slice::<serde_json::Value>(&body)
+    // A document without a `features` list is not imageio's (it fails to parse).
+    let doc = serde_json::from_slice::<crate::wire::Options>(&body)
         .ok()
-        .filter(|doc| {
-            status == StatusCode::OK && doc.get("features").is_some_and(|f| f.is_array())
-        });
+        .filter(|_| status == StatusCode::OK);
     Ok((doc, allow))
 }
 
@@ -344,21 +332,6 @@ async fn fetch_extents(
     parse_items(&body).map_err(|e| fail.protocol(format!("bad extents from the server: {e}")))
 }
 
-/// A server's extents list: zero-context items carry `zero` (and `hole`), dirty-context items
-/// carry `dirty` (and `zero` since imageio 2.2). Dirty is kept in the `hole` bit's place by
-/// [`parse_extents`]'s callers through [`parse_items`].
-#[derive(serde::Deserialize)]
-struct Item {
-    start: u64,
-    length: u64,
-    #[serde(default)]
-    zero: bool,
-    #[serde(default)]
-    hole: bool,
-    #[serde(default)]
-    dirty: bool,
-}
-
 /// The server's extents list, checked to be contiguous.
 pub fn parse_extents(body: &[u8]) -> Result<Vec<Extent>, String> {
     Ok(parse_items(body)?.into_iter().map(|(e, _)| e).collect())
@@ -366,7 +339,10 @@ pub fn parse_extents(body: &[u8]) -> Result<Vec<Extent>, String> {
 
 /// Extents with their dirty flag, checked to be contiguous.
 fn parse_items(body: &[u8]) -> Result<Vec<(Extent, bool)>, String> {
-    let items: Vec<Item> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    // Zero-context items carry `zero` (and `hole`), dirty-context items `dirty` (and `zero`
+    // since imageio 2.2); one item type reads both.
+    let items: Vec<crate::wire::AnyExtent> =
+        serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let mut out: Vec<(Extent, bool)> = Vec::with_capacity(items.len());
     for item in items {
         if let Some((prev, _)) = out.last()
@@ -574,12 +550,9 @@ impl HttpEndpoint {
                 .expect("valid request")
         };
         let (_, _, body) = self.shared.call(make, &fail).await?;
-        let doc: serde_json::Value = serde_json::from_slice(&body)
+        let doc: crate::wire::Checksum = serde_json::from_slice(&body)
             .map_err(|e| fail.protocol(format!("bad checksum answer from the server: {e}")))?;
-        match doc.get("checksum").and_then(|c| c.as_str()) {
-            Some(hex) => Ok(Some(hex.to_string())),
-            None => Err(fail.protocol("the server's checksum answer has no checksum")),
-        }
+        Ok(Some(doc.checksum))
     }
 
     /// Dirty and clean extents of [offset, offset+len) (the ticket must allow dirty extents).

@@ -270,17 +270,11 @@ fn hyper_kind(e: &hyper::Error) -> ErrorKind {
 /// `(0, 0, Some(TOTAL))` only through [`content_range_total`].
 pub(crate) fn content_range(headers: &http::HeaderMap) -> Option<(u64, u64, Option<u64>)> {
     let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse().ok()?),
-    };
-    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, total))
+    let r = crate::wire::ContentRange::parse_lenient(v)?;
+    Some((r.first, r.last?, r.total))
 }
 
 pub(crate) fn content_range_total(headers: &http::HeaderMap) -> Option<u64> {
     let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    v.trim().rsplit_once('/')?.1.trim().parse().ok()
+    crate::wire::ContentRange::parse_lenient(v)?.total
 }

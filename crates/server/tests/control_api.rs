@@ -80,9 +80,12 @@ fn ticket_lifecycle_and_errors() {
     assert_eq!(v["dirty"], false);
     let expires = v["expires"].as_u64().unwrap();
     assert!(expires > 0);
-    // Key order is the reference's.
+    // Key order and separators are the reference's (Python's json.dumps).
     let text = control(&srv, Method::GET, "/tickets/t1", None).text();
-    assert!(text.starts_with(r#"{"active":false,"canceled":false,"connections":0,"expires":"#));
+    assert!(
+        text.starts_with(r#"{"active": false, "canceled": false, "connections": 0, "expires": "#),
+        "{text}"
+    );
 
     let cases: &[(&str, u16, &str)] = &[
         ("{", 400, "Ticket is not in a json format: "),
