@@ -23,7 +23,7 @@ use hyper::body::{Frame, Incoming};
 use crate::backend::Backend;
 use crate::conn::{ConnCtx, Handler};
 use crate::range::parse_range;
-use crate::request::{cors, query_pairs, query_value, yes_no};
+use crate::request::{cors, query_pairs, query_value};
 use crate::respond::{Body, BoxError, HttpError, close_after, empty_body, json, json_text};
 use crate::store::{Ticket, TicketStore};
 use crate::ticket::Access;
@@ -209,7 +209,9 @@ impl DataApi {
                     return Err(reject(HttpError::bad_request("Ticket id is required")));
                 }
                 let q = query_pairs(req.uri());
-                *close = yes_no(&q, "close", false)?;
+                // Only `close=y` means anything; other values are ignored, as the reference
+                // does (browsers' upload pages send what they like).
+                *close = query_value(&q, "close") == Some("y");
                 match method {
                     Method::OPTIONS => self.options(&id, ctx).await,
                     Method::GET | Method::HEAD => self.get(&req, &id, ctx).await,

@@ -563,6 +563,103 @@ pub fn cases() -> Vec<Case> {
         vec![patch("/images/rw", r#"{"op": "flush"}"#).h("Origin", "https://engine")],
     );
 
+    // Several errors at once: which check comes first.
+    case(
+        "order/patch-invalid-json-no-such-ticket",
+        vec![patch("/images/nope", "{")],
+    );
+    case(
+        "order/get-suffix-range-no-such-ticket",
+        vec![data("GET", "/images/nope").h("Range", "bytes=-5")],
+    );
+    case(
+        "order/put-bad-content-range-no-such-ticket",
+        vec![put("/images/nope", bytes(10, 23)).h("Content-Range", "bytes 9-1/*")],
+    );
+    case(
+        "order/put-bad-flush-no-such-ticket",
+        vec![put("/images/nope?flush=x", bytes(10, 24))],
+    );
+    case(
+        "order/put-beyond-ticket-read-only",
+        vec![put("/images/ro", bytes(4096, 25)).h("Content-Range", "bytes 1048000-1052095/*")],
+    );
+    case(
+        "order/extents-bad-context-no-such-ticket",
+        vec![data("GET", "/images/nope/extents?context=bogus")],
+    );
+    case(
+        "put/chunked",
+        vec![
+            data("PUT", "/images/rw")
+                .no_length()
+                .h("Transfer-Encoding", "chunked")
+                .h("Connection", "close")
+                .body(b"5\r\nhello\r\n0\r\n\r\n".to_vec()),
+        ],
+    );
+    case(
+        "put/content-length-duplicated-different",
+        vec![
+            put("/images/rw", bytes(10, 26))
+                .length(&["10", "20"])
+                .half_close(),
+        ],
+    );
+    case(
+        "put/content-range-duplicated",
+        vec![
+            put("/images/rw", bytes(10, 27))
+                .h("Content-Range", "bytes 0-9/*")
+                .h("Content-Range", "bytes 100-109/*"),
+        ],
+    );
+    case(
+        "put/two-connections",
+        vec![
+            put("/images/rw", bytes(4096, 28)).h("Content-Range", "bytes 0-4095/*"),
+            put("/images/rw", bytes(4096, 29))
+                .h("Content-Range", "bytes 4096-8191/*")
+                .conn(1),
+            patch("/images/rw", r#"{"op": "flush"}"#).conn(1),
+            patch("/images/rw", r#"{"op": "flush"}"#),
+            data("GET", "/images/rw").h("Range", "bytes=0-8191").conn(2),
+        ],
+    );
+    case(
+        "get/close-other-values",
+        vec![
+            data("GET", "/images/rw?close=n").h("Range", "bytes=0-9"),
+            data("GET", "/images/rw?close=x").h("Range", "bytes=0-9"),
+            data("GET", "/images/rw?close=").h("Range", "bytes=0-9"),
+        ],
+    );
+    case(
+        "get/query-ignored",
+        vec![data("GET", "/images/rw?flush=x&junk").h("Range", "bytes=0-9")],
+    );
+    case(
+        "options/no-ops",
+        vec![
+            add("none", "[]", "{size}", ""),
+            data("OPTIONS", "/images/none"),
+        ],
+    );
+    case(
+        "options/unknown-ops",
+        vec![
+            add("odd", r#"["read", "delete"]"#, "{size}", ""),
+            data("OPTIONS", "/images/odd"),
+        ],
+    );
+    case(
+        "options/read-write-ops",
+        vec![
+            add("both", r#"["read", "write"]"#, "{size}", ""),
+            data("OPTIONS", "/images/both"),
+        ],
+    );
+
     // Extents
     case("extents/default", vec![data("GET", "/images/rw/extents")]);
     case(

@@ -160,6 +160,21 @@ pub const DELIBERATE: &[Deliberate] = &[
                  connection would parse body bytes as the next request",
     },
     Deliberate {
+        cases: "put/chunked",
+        field: "*",
+        backend: None,
+        reason: "chunked uploads are accepted and written; the reference answers 400 and \
+                 then parses the leftover chunks as the next request (imageio #217)",
+    },
+    Deliberate {
+        cases: "order/patch-invalid-json-no-such-ticket",
+        field: "*",
+        backend: None,
+        reason: "PATCH authorizes before reading its body (403, closing), so a client \
+                 without a ticket cannot make the server read and parse anything; the \
+                 reference parses the JSON first (400)",
+    },
+    Deliberate {
         cases: "tickets/get-empty-id",
         field: "*",
         backend: None,
