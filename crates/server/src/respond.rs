@@ -140,21 +140,29 @@ impl From<disk::DiskError> for HttpError {
 /// reference reports as 404 are decided by the handlers that know the operation is optional,
 /// e.g. dirty extents.)
 pub fn backend_error(e: &disk::DiskError) -> HttpError {
-    let condition = match e.errno {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "no space",
-        Some(libc::EROFS) => "read-only backend",
-        Some(libc::EACCES) | Some(libc::EPERM) => "permission denied",
-        Some(libc::ENOENT) | Some(libc::ENXIO) | Some(libc::ENODEV) => "backend not found",
-        Some(libc::EOPNOTSUPP) => "unsupported by the backend",
-        Some(libc::ETIMEDOUT) => "backend timeout",
-        Some(libc::ECONNRESET) | Some(libc::EPIPE) | Some(libc::ESHUTDOWN) => {
-            "backend connection lost"
-        }
-        Some(libc::EINVAL) => "invalid request for the backend",
-        _ => "backend failure",
+    use disk::ErrorKind as K;
+    let status = match e.kind() {
+        // Each kind answers what the reference answers for the same condition: 500. Named
+        // one by one so the choice per kind is visible; kinds added later (the enum is
+        // non-exhaustive) get the same.
+        K::NoSpace
+        | K::ReadOnly
+        | K::PermissionDenied
+        | K::NotFound
+        | K::Unsupported
+        | K::InvalidRequest
+        | K::ConnectionLost
+        | K::Timeout
+        | K::Protocol
+        | K::Io
+        | K::Server
+        | K::Changed
+        | K::Cancelled
+        | K::VerifyMismatch
+        | K::Other
+        | _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let status = StatusCode::INTERNAL_SERVER_ERROR;
-    tracing::error!(condition, status = status.as_u16(), "backend failed: {e}");
+    tracing::error!(kind = ?e.kind(), status = status.as_u16(), "backend failed: {e}");
     HttpError::new(status, INTERNAL_MESSAGE)
 }
 
@@ -195,4 +203,31 @@ pub fn json_text(text: String) -> Response<Body> {
 pub fn close_after(resp: &mut Response<Body>) {
     resp.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_failures_answer_like_the_reference() {
+        for errno in [
+            libc::ENOSPC,
+            libc::EROFS,
+            libc::ENOENT,
+            libc::EACCES,
+            libc::EIO,
+        ] {
+            let e = disk::DiskError::new(
+                "file:///x",
+                disk::Op::Write,
+                disk::ErrorKind::from_errno(errno),
+                "failed",
+            );
+            let h = backend_error(&e);
+            assert_eq!(h.status, StatusCode::INTERNAL_SERVER_ERROR, "errno {errno}");
+            assert_eq!(h.message, INTERNAL_MESSAGE);
+            assert!(!h.close);
+        }
+    }
 }
