@@ -13,10 +13,13 @@
 //! - [`conn`]: one HTTP connection (hyper), its timeouts and statistics; [`server`] binds the
 //!   listeners; [`config`] reads the TOML configuration file.
 //!
-//! Wire behaviour follows ovirt-imageio 2.5 (status codes, headers, JSON shapes), with its
-//! known quirks fixed compatibly: HEAD works, chunked uploads are accepted, typos in paths are
-//! 404, PATCH is in the CORS allow-list, OPTIONS also reports size and block sizes, extents
-//! take an optional range, TLS 1.2 is the minimum, expired tickets are reaped.
+//! Wire behaviour follows ovirt-imageio 2.5 (status codes, headers, JSON documents and their
+//! text, the order in which a request's checks run), with its known quirks fixed compatibly:
+//! HEAD works, chunked uploads are accepted, typos in paths are 404, PATCH is in the CORS
+//! allow-list, OPTIONS also reports size and block sizes, extents take an optional range, TLS
+//! 1.2 is the minimum, expired tickets are reaped. The documents themselves are
+//! `imageio::wire`'s, shared with the client. `tests/conformance` runs one corpus of requests
+//! against this server and the reference daemon and lists every deliberate difference.
 
 mod aligned;
 pub mod backend;

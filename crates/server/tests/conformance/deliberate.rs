@@ -196,14 +196,11 @@ pub const DELIBERATE: &[Deliberate] = &[
     },
 ];
 
-/// The reason a difference is deliberate, if the table lists it.
-pub fn explain(backend: Backend, case: &str, field: &str) -> Option<&'static str> {
-    DELIBERATE
-        .iter()
-        .find(|d| {
-            d.backend.is_none_or(|b| b == backend) && glob(d.cases, case) && glob(d.field, field)
-        })
-        .map(|d| d.reason)
+/// The row that lists a difference (its index in [`DELIBERATE`]), if any.
+pub fn explain(backend: Backend, case: &str, field: &str) -> Option<usize> {
+    DELIBERATE.iter().position(|d| {
+        d.backend.is_none_or(|b| b == backend) && glob(d.cases, case) && glob(d.field, field)
+    })
 }
 
 /// `*`-only wildcard matching.
