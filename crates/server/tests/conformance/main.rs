@@ -68,12 +68,6 @@ pub struct Diff {
     pub imageio: String,
 }
 
-fn initial_image() -> Vec<u8> {
-    let mut img = testutil::pseudo_random(11, IMAGE_DATA);
-    img.resize(IMAGE_SIZE as usize, 0);
-    img
-}
-
 fn reset_image(path: &Path) {
     let data = testutil::pseudo_random(11, IMAGE_DATA);
     std::fs::write(path, &data).unwrap();
@@ -307,9 +301,11 @@ fn run(backend: Backend) -> Outcome {
         url: url_for(&daemon_image),
         image: daemon_image,
     };
-    assert_eq!(initial_image().len() as u64, IMAGE_SIZE);
-
     let cases = corpus::cases();
+    let mut names = std::collections::BTreeSet::new();
+    for case in &cases {
+        assert!(names.insert(&case.name), "two cases named {}", case.name);
+    }
     let mut identical = 0;
     let mut deliberate: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut used = std::collections::BTreeSet::new();
