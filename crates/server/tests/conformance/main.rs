@@ -207,12 +207,14 @@ fn run_case(
     ferry: &Side,
     daemon: &Side,
     prelude: &mut Vec<Diff>,
+    errors: &mut usize,
 ) -> Vec<Diff> {
     reset_image(&ferry.image);
     reset_image(&daemon.image);
     let mut conns: BTreeMap<(Svc, usize), (Conn, Conn)> = BTreeMap::new();
     let mut diffs = Vec::new();
     let prelude_len = corpus::prelude().len();
+    let mut failed = false;
     let steps: Vec<corpus::Step> = corpus::prelude()
         .into_iter()
         .chain(case.steps.clone())
@@ -228,6 +230,9 @@ fn run_case(
         let rf = cf.exchange(&step.render(&ferry.url), step.half_close);
         let rd = cd.exchange(&step.render(&daemon.url), step.half_close);
         compare(n, &rf, &rd, (&ferry.url, &daemon.url), &mut diffs);
+        if n >= prelude_len && !(200..400).contains(&rd.status) {
+            failed = true;
+        }
         // The prelude is the same in every case: its differences are reported once, under
         // its own name, instead of marking every case.
         if n < prelude_len {
@@ -237,6 +242,7 @@ fn run_case(
         }
     }
     drop(conns);
+    *errors += usize::from(failed);
     let (a, b) = (
         std::fs::read(&ferry.image).unwrap(),
         std::fs::read(&daemon.image).unwrap(),
@@ -311,8 +317,10 @@ fn run(backend: Backend) -> Outcome {
     let mut used = std::collections::BTreeSet::new();
     let mut unexplained = Vec::new();
     let mut prelude_diffs = Vec::new();
+    // Cases in which the reference refused at least one request: the invalid part.
+    let mut error_cases = 0;
     for case in &cases {
-        let diffs = run_case(case, &ferry, &daemon, &mut prelude_diffs);
+        let diffs = run_case(case, &ferry, &daemon, &mut prelude_diffs, &mut error_cases);
         if diffs.is_empty() {
             identical += 1;
             continue;
@@ -371,8 +379,9 @@ fn run(backend: Backend) -> Outcome {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "conformance, {backend:?} backend: {} cases run, {identical} identical, \
-         {deliberate_cases} deliberately different, {} unexplained",
+        "conformance, {backend:?} backend: {} cases run ({error_cases} with requests the \
+         reference refuses), {identical} identical, {deliberate_cases} deliberately \
+         different, {} unexplained",
         cases.len(),
         unexplained_cases.len()
     );
