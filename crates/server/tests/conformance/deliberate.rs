@@ -13,6 +13,18 @@ pub struct Deliberate {
     pub reason: &'static str,
 }
 
+/// Shared by several rows.
+const JSON_BODY_LIMIT: &str = "JSON bodies are limited to 64 KiB (413, connection closed) to bound memory; \
+                 the reference reads any size";
+
+/// Shared by several rows.
+const NOT_A_JSON_OBJECT: &str =
+    "a PATCH body that is not a JSON object is 400; the reference crashes (500)";
+
+/// Shared by several rows.
+const EVERY_403_CLOSES: &str = "every 403 of the data API closes the connection; the reference's checksum \
+                 403 keeps it open (imageio-api.md section 8)";
+
 pub const DELIBERATE: &[Deliberate] = &[
     Deliberate {
         cases: "*",
@@ -125,27 +137,25 @@ pub const DELIBERATE: &[Deliberate] = &[
         cases: "checksum/no-such-ticket",
         field: "header:connection",
         backend: None,
-        reason: "every 403 of the data API closes the connection; the reference's checksum \
-                 403 keeps it open (imageio-api.md section 8)",
+        reason: EVERY_403_CLOSES,
     },
     Deliberate {
         cases: "tickets/expired-by-extend",
         field: "header:connection",
         backend: None,
-        reason: "every 403 of the data API closes the connection; the reference's checksum \
-                 403 keeps it open (imageio-api.md section 8)",
+        reason: EVERY_403_CLOSES,
     },
     Deliberate {
         cases: "patch/json-array",
         field: "status",
         backend: None,
-        reason: "a PATCH body that is not a JSON object is 400; the reference crashes (500)",
+        reason: NOT_A_JSON_OBJECT,
     },
     Deliberate {
         cases: "patch/json-string",
         field: "status",
         backend: None,
-        reason: "a PATCH body that is not a JSON object is 400; the reference crashes (500)",
+        reason: NOT_A_JSON_OBJECT,
     },
     Deliberate {
         cases: "patch/size-bool",
@@ -158,15 +168,13 @@ pub const DELIBERATE: &[Deliberate] = &[
         cases: "*/oversized-body",
         field: "*",
         backend: None,
-        reason: "JSON bodies are limited to 64 KiB (413, connection closed) to bound memory; \
-                 the reference reads any size",
+        reason: JSON_BODY_LIMIT,
     },
     Deliberate {
         cases: "tickets/add-oversized",
         field: "*",
         backend: None,
-        reason: "JSON bodies are limited to 64 KiB (413, connection closed) to bound memory; \
-                 the reference reads any size",
+        reason: JSON_BODY_LIMIT,
     },
     Deliberate {
         cases: "put/content-length-*",
