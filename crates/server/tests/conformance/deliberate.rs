@@ -23,7 +23,7 @@ const NOT_A_JSON_OBJECT: &str =
 
 /// Shared by several rows.
 const EVERY_403_CLOSES: &str = "every 403 of the data API closes the connection; the reference's checksum \
-                 403 keeps it open (imageio-api.md section 8)";
+                 403 keeps it open (handlers/checksum.py)";
 
 pub const DELIBERATE: &[Deliberate] = &[
     Deliberate {
