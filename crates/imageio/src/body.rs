@@ -4,16 +4,22 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use disk::Permit;
 use hyper::body::{Body, Frame, SizeHint};
 
 pub enum ReqBody {
     Empty,
     Full(Option<Bytes>),
-    /// A run's pieces, sent in order as they are (clones of the engine's buffers).
-    Pieces(VecDeque<Bytes>),
+    /// A run's pieces, sent in order as they are (clones of the engine's buffers); `sent` is
+    /// released once a body has handed its last piece to the connection.
+    Pieces {
+        pieces: VecDeque<Bytes>,
+        sent: Arc<Mutex<Option<Permit>>>,
+    },
 }
 
 impl ReqBody {
@@ -21,8 +27,11 @@ impl ReqBody {
         ReqBody::Full(Some(data))
     }
 
-    pub fn pieces(pieces: &[Bytes]) -> ReqBody {
-        ReqBody::Pieces(pieces.iter().filter(|p| !p.is_empty()).cloned().collect())
+    pub fn pieces(pieces: &[Bytes], sent: &Arc<Mutex<Option<Permit>>>) -> ReqBody {
+        ReqBody::Pieces {
+            pieces: pieces.iter().filter(|p| !p.is_empty()).cloned().collect(),
+            sent: sent.clone(),
+        }
     }
 }
 
@@ -37,7 +46,15 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBody::Pieces(pieces) => Poll::Ready(pieces.pop_front().map(|p| Ok(Frame::data(p)))),
+            ReqBody::Pieces { pieces, sent } => {
+                let piece = pieces.pop_front();
+                if pieces.is_empty() {
+                    // Every byte is with the connection: the run's budget may go to the next
+                    // reads, while the run itself stays kept for a retry until it is answered.
+                    drop(sent.lock().unwrap_or_else(|p| p.into_inner()).take());
+                }
+                Poll::Ready(piece.map(|p| Ok(Frame::data(p))))
+            }
         }
     }
 
@@ -45,7 +62,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Empty => true,
             ReqBody::Full(data) => data.is_none(),
-            ReqBody::Pieces(pieces) => pieces.is_empty(),
+            ReqBody::Pieces { pieces, .. } => pieces.is_empty(),
         }
     }
 
@@ -55,7 +72,7 @@ impl Body for ReqBody {
             ReqBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ReqBody::Pieces(pieces) => {
+            ReqBody::Pieces { pieces, .. } => {
                 SizeHint::with_exact(pieces.iter().map(|p| p.len() as u64).sum())
             }
         }

@@ -381,7 +381,9 @@ impl HttpEndpoint {
         caps.sequential = !info.ranges;
         caps.max_request = MAX_REQUEST;
         caps.default_request = 256 << 10;
-        caps.preferred_block = 4096;
+        // Zero blocks smaller than this are not worth ending a PUT for: the engine looks for
+        // zeroes in 64 KiB blocks (shorter zero gaps inside a run travel as data anyway).
+        caps.preferred_block = 64 << 10;
         caps.queue_depth = 64;
         caps.connections = Some(shared.pool.size());
         caps.dirty = info.imageio && dirty;

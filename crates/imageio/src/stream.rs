@@ -3,11 +3,11 @@
 //! the pieces the engine asks for. Each run owns one pooled connection while it lasts, so the
 //! request size on the wire is decoupled from the source's and destination's request sizes.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use disk::{BoxFut, DiskError, ErrorKind, Op, StreamReader};
+use disk::{BoxFut, DiskError, ErrorKind, Op, Permit, StreamReader};
 use http::{Request, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -29,6 +29,8 @@ pub struct RunWriter {
 struct PutRun {
     offset: u64,
     pieces: Vec<Bytes>,
+    /// The run's budget: released once its body is with the connection.
+    budget: Permit,
     done: oneshot::Sender<Result<(), DiskError>>,
 }
 
@@ -46,7 +48,7 @@ impl RunWriter {
                         .at(run.offset, len)
                         .because(ErrorKind::Cancelled, "upload abandoned"))
                 } else {
-                    put_run(&shared, run.offset, len, &run.pieces).await
+                    put_run(&shared, run.offset, len, &run.pieces, run.budget).await
                 };
                 if let Err(e) = &result {
                     tracing::debug!("{e}");
@@ -62,8 +64,15 @@ impl RunWriter {
     }
 
     /// Queues `pieces`, contiguous from `offset`, as one PUT sent after the runs queued before
-    /// it; resolves when the server has answered it.
-    pub(crate) fn send(&self, offset: u64, pieces: Vec<Bytes>) -> BoxFut<'static, ()> {
+    /// it; resolves when the server has answered it. `budget` is released as soon as the body
+    /// is with the connection: the pieces are kept beyond it (one run per pipeline) until the
+    /// answer, to be sent again if need be.
+    pub(crate) fn send(
+        &self,
+        offset: u64,
+        pieces: Vec<Bytes>,
+        budget: Permit,
+    ) -> BoxFut<'static, ()> {
         let (done, answer) = oneshot::channel();
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         let lost = self
@@ -75,6 +84,7 @@ impl RunWriter {
         let _ = self.runs.send(PutRun {
             offset,
             pieces,
+            budget,
             done,
         });
         Box::pin(async move { answer.await.unwrap_or(Err(lost)) })
@@ -92,8 +102,10 @@ async fn put_run(
     offset: u64,
     len: u64,
     pieces: &[Bytes],
+    budget: Permit,
 ) -> Result<(), DiskError> {
     let fail = Fail::new(&shared.name, Op::Write).at(offset, len);
+    let sent = Arc::new(Mutex::new(Some(budget)));
     let make = || {
         Request::put(shared.target_with("flush=n"))
             .header(header::HOST, &shared.host)
@@ -102,7 +114,7 @@ async fn put_run(
                 header::CONTENT_RANGE,
                 format!("bytes {}-{}/*", offset, offset + len - 1),
             )
-            .body(ReqBody::pieces(pieces))
+            .body(ReqBody::pieces(pieces, &sent))
             .expect("valid request")
     };
     // `call` sends again (from the pieces kept here) when the connection breaks or the server

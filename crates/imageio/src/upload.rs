@@ -108,13 +108,10 @@ impl<'a> RunSink<'a> {
                 });
                 permit.merge(seg.permit);
             }
-            // The run's budget is held until the server has answered: its pieces are kept
-            // that long, to be sent again if the PUT must be.
-            let put = writer.send(start, pieces);
+            let put = writer.send(start, pieces, permit);
             let written = end - start;
             self.inflight.push(Box::pin(async move {
                 put.await?;
-                drop(permit);
                 Ok(Done {
                     offset: start,
                     written,
