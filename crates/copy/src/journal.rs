@@ -178,12 +178,6 @@ impl Journal {
         Ok((journal, done))
     }
 
-    /// Whether a journal file exists at `path` (a copy with it resumes into an existing
-    /// destination instead of creating one).
-    pub fn exists(path: &Path) -> bool {
-        path.exists()
-    }
-
     fn parse(&self, text: &[u8]) -> Result<RangeSet, JournalError> {
         let damaged = |why: &str| JournalError::Damaged {
             path: self.path.display().to_string(),

@@ -2,9 +2,10 @@
 //!
 //! Opening probes the server once: `OPTIONS` tells an imageio server (features, writers,
 //! readers, its Unix socket) from a plain web server; the size comes from OPTIONS (ferry's
-//! server reports it), else from the extents, else from a one-byte ranged GET. Requests that
-//! are safe to repeat are retried a bounded number of times when a connection breaks, each
-//! retry logged with its offset. Errors carry the HTTP status and the server's message.
+//! server reports it), else from the extents, else from a one-byte ranged GET. Every request
+//! may be repeated and is retried under `disk::retry` when its connection breaks or the server
+//! answers 5xx (`request`); uploads go as PUT runs (`upload`, `stream`). Errors carry the HTTP
+//! status and the server's message.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
