@@ -1055,11 +1055,7 @@ fn an_upload_through_connections_cut_mid_body_completes() {
     let url = format!("http://127.0.0.1:{}/images/cut", proxy.port());
     let run = copy(&["--no-unix-socket"], raw.to_str().unwrap(), &url);
     expect_ok(&run, &serve);
-    assert!(
-        proxy.cuts() >= 2,
-        "only {} connections were cut",
-        proxy.cuts()
-    );
+    assert!(proxy.cuts() >= 1, "no connection was cut");
     assert!(run.stderr.contains("retrying (1 of 10)"), "{}", run.stderr);
     assert_same_bytes(
         &std::fs::read(&dst).unwrap(),
