@@ -1030,33 +1030,60 @@ fn a_put_answered_with_500_fails_with_the_status_message_and_offset() {
 
 // ---------------------------------------------------------------- faults on the wire
 
+/// An upload of the sample into a new ferry serve ticket through a proxy breaking connections
+/// as `faults` say: the run, the proxy, the image expected and the ticket's file.
+fn upload_through_proxy(
+    dir: &Path,
+    faults: testutil::fault_proxy::Faults,
+    extra: &[&str],
+) -> (
+    Run,
+    testutil::fault_proxy::FaultProxy,
+    Vec<u8>,
+    PathBuf,
+    String,
+) {
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let (raw, expected) = sample(dir);
+    let size = expected.len() as u64;
+    let dst = dir.join("proxied.raw");
+    make_image(&dst, size, Start::Garbage);
+    install(
+        &serve,
+        "proxied",
+        &dst,
+        size,
+        Backend::File,
+        &["write"],
+        false,
+    );
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
+    let proxy = testutil::fault_proxy::FaultProxy::start(target, faults);
+    let url = format!("http://127.0.0.1:{}/images/proxied", proxy.port());
+    let mut args = vec!["--no-unix-socket"];
+    args.extend_from_slice(extra);
+    let run = copy(&args, raw.to_str().unwrap(), &url);
+    if run.status.success() {
+        expect_ok(&run, &serve);
+    }
+    (run, proxy, expected, dst, url)
+}
+
 /// Uploads the sample through a proxy that cuts connections in the middle of request bodies:
 /// every cut request goes again, and the image arrives whole.
 #[test]
 fn an_upload_through_connections_cut_mid_body_completes() {
     let dir = testutil::temp_dir();
-    let d = dir.path();
-    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
-    let (raw, expected) = sample(d);
-    let size = expected.len() as u64;
-    let dst = d.join("cut.raw");
-    make_image(&dst, size, Start::Garbage);
-    install(&serve, "cut", &dst, size, Backend::File, &["write"], false);
-    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
     // The first four connections break after 512 KiB from ferry. However ferry spreads the
     // 13 MiB over its (at most four) connections, one of them carries more than that.
-    let proxy = testutil::fault_proxy::FaultProxy::start(
-        target,
-        testutil::fault_proxy::Faults {
-            cut_after: (0..4).map(|n| (n, 512 << 10)).collect(),
-            cut_all_after: None,
-        },
-    );
-    let url = format!("http://127.0.0.1:{}/images/cut", proxy.port());
-    let run = copy(&["--no-unix-socket"], raw.to_str().unwrap(), &url);
-    expect_ok(&run, &serve);
+    let faults = testutil::fault_proxy::Faults {
+        cut_after: (0..4).map(|n| (n, 512 << 10)).collect(),
+        cut_all_after: None,
+    };
+    let (run, proxy, expected, dst, _) = upload_through_proxy(dir.path(), faults, &[]);
+    let stderr = run.expect_ok();
     assert!(proxy.cuts() >= 1, "no connection was cut");
-    assert!(run.stderr.contains("retrying (1 of 10)"), "{}", run.stderr);
+    assert!(stderr.contains("retrying (1 of 10)"), "{stderr}");
     assert_same_bytes(
         &std::fs::read(&dst).unwrap(),
         &expected,
@@ -1069,27 +1096,11 @@ fn an_upload_through_connections_cut_mid_body_completes() {
 #[test]
 fn an_upload_through_a_peer_that_cuts_everything_fails_after_its_retries() {
     let dir = testutil::temp_dir();
-    let d = dir.path();
-    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
-    let (raw, expected) = sample(d);
-    let size = expected.len() as u64;
-    let dst = d.join("dead.raw");
-    make_image(&dst, size, Start::Garbage);
-    install(&serve, "dead", &dst, size, Backend::File, &["write"], false);
-    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
-    let proxy = testutil::fault_proxy::FaultProxy::start(
-        target,
-        testutil::fault_proxy::Faults {
-            cut_after: Vec::new(),
-            cut_all_after: Some(0),
-        },
-    );
-    let url = format!("http://127.0.0.1:{}/images/dead", proxy.port());
-    let run = copy(
-        &["--no-unix-socket", "--retries", "2"],
-        raw.to_str().unwrap(),
-        &url,
-    );
+    let faults = testutil::fault_proxy::Faults {
+        cut_after: Vec::new(),
+        cut_all_after: Some(0),
+    };
+    let (run, proxy, _, _, url) = upload_through_proxy(dir.path(), faults, &["--retries", "2"]);
     let stderr = run.expect_code(1);
     assert!(stderr.contains(&format!("open {url} failed")), "{stderr}");
     assert!(stderr.contains("(after 3 attempts)"), "{stderr}");
