@@ -41,14 +41,31 @@ pub struct FileConfig {
     pub queue_depth: Option<usize>,
 }
 
+/// A configuration file that cannot be used: what is wrong, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(message: &str) -> Self {
+        ConfigError(message.to_string())
+    }
+}
+
 impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, String> {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        Self::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
-    pub fn parse(text: &str) -> Result<FileConfig, String> {
+    pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
         let cfg: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         for (name, v) in [
             ("auth_timeout", cfg.auth_timeout),
@@ -57,17 +74,17 @@ impl FileConfig {
             ("reap_interval", cfg.reap_interval),
         ] {
             if v.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
-                return Err(format!("{name}: expecting a number of seconds >= 0"));
+                return Err(format!("{name}: expecting a number of seconds >= 0").into());
             }
         }
         if cfg
             .buffer_size
             .is_some_and(|b| !(4096..=(64 << 20)).contains(&b))
         {
-            return Err("buffer_size: expecting 4096 to 67108864 bytes".to_string());
+            return Err("buffer_size: expecting 4096 to 67108864 bytes".into());
         }
         if cfg.queue_depth.is_some_and(|d| !(1..=64).contains(&d)) {
-            return Err("queue_depth: expecting 1 to 64".to_string());
+            return Err("queue_depth: expecting 1 to 64".into());
         }
         Ok(cfg)
     }

@@ -93,10 +93,7 @@ impl ControlApi {
             }
             Method::DELETE => match self.store.remove(&id, self.remove_timeout).await {
                 Ok(()) => Ok(empty(StatusCode::NO_CONTENT)),
-                Err(label) => Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!("Timeout cancelling transfer {label}"),
-                )),
+                Err(still) => Err(HttpError::new(StatusCode::CONFLICT, still.to_string())),
             },
             Method::POST | Method::OPTIONS | Method::HEAD => Err(reject(HttpError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

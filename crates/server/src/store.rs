@@ -33,6 +33,14 @@ pub struct TicketStore {
     tickets: Mutex<HashMap<String, Arc<Ticket>>>,
 }
 
+/// A ticket whose operations outlived the deadline of its removal: it stays, cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Timeout cancelling transfer {label}")]
+pub struct StillRunning {
+    /// The ticket's label, as messages show it.
+    pub label: String,
+}
+
 impl TicketStore {
     pub fn new() -> Self {
         Self::default()
@@ -76,14 +84,16 @@ impl TicketStore {
     /// Cancels the ticket, waits up to `timeout` for its operations to stop, then removes it.
     /// Unknown ids succeed (DELETE is idempotent). Err(label) when operations outlived the
     /// deadline; the ticket stays, cancelled, so the caller can retry.
-    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), StillRunning> {
         let Some(ticket) = self.get(id) else {
             return Ok(());
         };
         ticket.cancel();
         if !ticket.wait_idle(timeout).await {
             tracing::warn!(ticket = %id, "timeout cancelling transfer");
-            return Err(ticket.label());
+            return Err(StillRunning {
+                label: ticket.label(),
+            });
         }
         self.forget(&ticket);
         tracing::info!(ticket = %id, "ticket removed");
@@ -528,7 +538,12 @@ mod tests {
         let op = t.begin(0).unwrap();
         // The operation never ends in time: 409 path.
         let err = store.remove("x", Duration::from_millis(50)).await;
-        assert_eq!(err, Err("(ticket/x)".to_string()));
+        assert_eq!(
+            err,
+            Err(StillRunning {
+                label: "(ticket/x)".to_string()
+            })
+        );
         assert!(t.is_canceled());
         assert!(store.get("x").is_some());
         assert!(t.begin(0).is_err());

@@ -225,9 +225,26 @@ fn as_str_list(key: &str, v: &Value) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// A ticket `url` ferry cannot serve, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadUrl(String);
+
+impl From<String> for BadUrl {
+    fn from(why: String) -> Self {
+        BadUrl(why)
+    }
+}
+
+impl From<&str> for BadUrl {
+    fn from(why: &str) -> Self {
+        BadUrl(why.to_string())
+    }
+}
+
 /// Parses a backend URL: `file:///abs/path` or an NBD URI. The proxy (`https:`) backend of the
 /// reference is not supported.
-pub fn parse_url(url: &str) -> Result<BackendUrl, String> {
+pub fn parse_url(url: &str) -> Result<BackendUrl, BadUrl> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
     if scheme.eq_ignore_ascii_case("file") {
         let rest = &url[5..];
@@ -237,11 +254,11 @@ pub fn parse_url(url: &str) -> Result<BackendUrl, String> {
         // file://localhost/path is the same as file:///path; other hosts are remote.
         let path = path.strip_prefix("localhost").unwrap_or(path);
         if !path.starts_with('/') {
-            return Err("expecting file:///absolute/path".to_string());
+            return Err("expecting file:///absolute/path".into());
         }
         let decoded = percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
         if decoded.contains(&0) {
-            return Err("NUL in path".to_string());
+            return Err("NUL in path".into());
         }
         use std::os::unix::ffi::OsStringExt;
         return Ok(BackendUrl::File(
@@ -252,7 +269,7 @@ pub fn parse_url(url: &str) -> Result<BackendUrl, String> {
         let uri: nbd::uri::NbdUri = url.parse().map_err(|e: nbd::uri::UriError| e.reason)?;
         return Ok(BackendUrl::Nbd(uri));
     }
-    Err(format!("Unsupported url scheme: {scheme}"))
+    Err(format!("Unsupported url scheme: {scheme}").into())
 }
 
 /// Seconds on the clock `expires` is reported in: the reference's `os.times()[4]`, that is
