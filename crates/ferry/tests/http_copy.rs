@@ -15,7 +15,7 @@ mod fake_http;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use fake_http::{Behaviour, Cut, FakeServer};
+use fake_http::{Behaviour, Cut, FakeServer, Seen};
 use testutil::imageio::{ImageioServer, ServerOptions};
 use testutil::{Certs, Layout, Nbdkit, Peer, QemuNbd};
 
@@ -679,6 +679,24 @@ fn old_daemon(image: Vec<u8>) -> FakeServer {
 
 /// True if `offset` lies in one of `layout`'s holes (a file source reports holes as zero
 /// extents, so they reach the server as zero requests rather than in a data run).
+/// Cuts the first request `hit` accepts, as `how` says; the cell gets the offset it was at.
+fn cut_first(
+    server: &FakeServer,
+    how: Cut,
+    hit: impl Fn(&Seen) -> bool + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Option<u64>>> {
+    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = cut.clone();
+    server.cut_when(how, move |r| {
+        let matched = hit(r);
+        if matched {
+            *seen.lock().unwrap() = r.offset;
+        }
+        matched
+    });
+    cut
+}
+
 fn in_hole(layout: &Layout, offset: u64) -> bool {
     layout.placed().any(|(at, s)| {
         matches!(s, testutil::Segment::Hole(_)) && at <= offset && offset < at + s.len()
@@ -748,20 +766,14 @@ fn a_streamed_put_cut_off_goes_again_from_the_data_kept() {
     let server = old_daemon(vec![GARBAGE; size]);
     // A data run's PUT, cut after its head: the run's pieces are kept until the server
     // answers, so it is sent again whole on a fresh connection.
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
-    {
-        let cut = cut.clone();
+    let cut = cut_first(&server, Cut::BeforeAnswer, {
         let layout = layout.clone();
-        server.cut_when(Cut::BeforeAnswer, move |r| {
-            let hit = r.method == "PUT"
+        move |r: &Seen| {
+            r.method == "PUT"
                 && r.length > 0
-                && r.offset.is_some_and(|o| o > 0 && !in_hole(&layout, o));
-            if hit {
-                *cut.lock().unwrap() = r.offset;
-            }
-            hit
-        });
-    }
+                && r.offset.is_some_and(|o| o > 0 && !in_hole(&layout, o))
+        }
+    });
     let run = copy(&[], raw.to_str().unwrap(), &server.url("/images/cut"));
     let stderr = run.expect_ok();
     let offset = cut.lock().unwrap().expect("a data PUT was cut");
@@ -786,20 +798,14 @@ fn without_retries_a_cut_put_fails_naming_its_offset() {
     let dir = testutil::temp_dir();
     let (raw, layout) = make_sample(dir.path(), "sample.raw");
     let server = old_daemon(vec![GARBAGE; layout.size() as usize]);
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
-    {
-        let cut = cut.clone();
+    let cut = cut_first(&server, Cut::BeforeAnswer, {
         let layout = layout.clone();
-        server.cut_when(Cut::BeforeAnswer, move |r| {
-            let hit = r.method == "PUT"
+        move |r: &Seen| {
+            r.method == "PUT"
                 && r.length > 0
-                && r.offset.is_some_and(|o| o > 0 && !in_hole(&layout, o));
-            if hit {
-                *cut.lock().unwrap() = r.offset;
-            }
-            hit
-        });
-    }
+                && r.offset.is_some_and(|o| o > 0 && !in_hole(&layout, o))
+        }
+    });
     let run = copy(
         &["--retries", "0"],
         raw.to_str().unwrap(),
@@ -824,18 +830,10 @@ fn a_small_put_cut_off_is_retried() {
     let server = old_daemon(vec![GARBAGE; expected.len()]);
     // A PUT of zeroes (a hole, written as zeroes to a server without the zero feature) has
     // its whole body in memory and is sent again.
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
-    {
-        let cut = cut.clone();
+    let cut = cut_first(&server, Cut::BeforeAnswer, {
         let layout = layout.clone();
-        server.cut_when(Cut::BeforeAnswer, move |r| {
-            let hit = r.method == "PUT" && r.offset.is_some_and(|o| in_hole(&layout, o));
-            if hit {
-                *cut.lock().unwrap() = r.offset;
-            }
-            hit
-        });
-    }
+        move |r: &Seen| r.method == "PUT" && r.offset.is_some_and(|o| in_hole(&layout, o))
+    });
     let run = copy(&[], raw.to_str().unwrap(), &server.url("/images/retry"));
     let stderr = run.expect_ok();
     assert_same_bytes(&server.image(), &expected, "image after a retried PUT");
@@ -862,17 +860,9 @@ fn a_get_cut_off_is_retried() {
         },
     );
     // The first ranged GET past the size probe (bytes=0-0).
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
-    {
-        let cut = cut.clone();
-        server.cut_when(Cut::BeforeAnswer, move |r| {
-            let hit = r.method == "GET" && r.offset.is_some_and(|o| o > 0);
-            if hit {
-                *cut.lock().unwrap() = r.offset;
-            }
-            hit
-        });
-    }
+    let cut = cut_first(&server, Cut::BeforeAnswer, |r: &Seen| {
+        r.method == "GET" && r.offset.is_some_and(|o| o > 0)
+    });
     let out = dir.path().join("out.raw");
     let run = copy(&[], &server.url("/disk.raw"), out.to_str().unwrap());
     let stderr = run.expect_ok();
@@ -960,17 +950,9 @@ fn a_get_cut_in_the_middle_of_its_body_fails_with_its_offset() {
             ..Default::default()
         },
     );
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None));
-    {
-        let cut = cut.clone();
-        server.cut_when(Cut::MidBody, move |r| {
-            let hit = r.method == "GET" && r.offset.is_some_and(|o| o > 0);
-            if hit {
-                *cut.lock().unwrap() = r.offset;
-            }
-            hit
-        });
-    }
+    let cut = cut_first(&server, Cut::MidBody, |r: &Seen| {
+        r.method == "GET" && r.offset.is_some_and(|o| o > 0)
+    });
     let out = dir.path().join("out.raw");
     let run = copy(&[], &server.url("/disk.raw"), out.to_str().unwrap());
     let stderr = run.expect_code(1);
