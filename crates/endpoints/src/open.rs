@@ -30,6 +30,8 @@ pub struct NbdOptions {
     pub tls_no_verify: bool,
     /// How long a silent server is waited for.
     pub timeout: Duration,
+    /// How long connecting and the handshake may take (at most `timeout`).
+    pub connect_timeout: Duration,
     /// Requests each connection keeps in flight (`None`: the client's default).
     pub max_in_flight: Option<usize>,
     /// A dirty bitmap to select on a source (`qemu:dirty-bitmap:NAME`), for incremental copies.
@@ -43,6 +45,7 @@ impl Default for NbdOptions {
             tls_client: None,
             tls_no_verify: false,
             timeout: nbd::client::DEFAULT_TIMEOUT,
+            connect_timeout: nbd::client::DEFAULT_CONNECT_TIMEOUT,
             max_in_flight: None,
             bitmap: None,
         }
@@ -56,8 +59,10 @@ impl NbdOptions {
 
     /// Client settings, wherever the server is.
     pub fn settings(&self) -> ClientSettings {
+        let timeout = self.timeout.max(Duration::from_secs(1));
         let mut settings = ClientSettings {
-            timeout: self.timeout.max(Duration::from_secs(1)),
+            timeout,
+            handshake_timeout: Some(self.connect_timeout.clamp(Duration::from_secs(1), timeout)),
             ..ClientSettings::default()
         };
         if let Some(n) = self.max_in_flight {
@@ -113,6 +118,8 @@ pub struct HttpSettings {
     pub insecure: bool,
     /// Use the Unix socket an imageio server on this host offers.
     pub unix_socket: bool,
+    /// How long connecting may take, and a server may stay silent.
+    pub deadlines: imageio::Deadlines,
 }
 
 impl Default for HttpSettings {
@@ -121,6 +128,7 @@ impl Default for HttpSettings {
             ca_file: None,
             insecure: false,
             unix_socket: true,
+            deadlines: imageio::Deadlines::default(),
         }
     }
 }
@@ -218,6 +226,7 @@ pub async fn open(spec: &Spec, role: Role, opts: &OpenOptions) -> Result<Opened,
                 unix_socket: opts.http.unix_socket,
                 dirty: source && opts.incremental,
                 retry: opts.retry,
+                deadlines: opts.http.deadlines,
             };
             let ep = Arc::new(imageio::open(url, &http).await?);
             return Ok(Opened {

@@ -124,7 +124,7 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
     nbd.bitmap = args.bitmap.clone();
     endpoints::OpenOptions {
         nbd,
-        http: args.http.settings(),
+        http: args.http.settings(&args.nbd),
         connections: if args.synchronous {
             1
         } else {

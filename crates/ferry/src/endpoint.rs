@@ -25,9 +25,13 @@ pub struct NbdArgs {
     /// Encrypt but do not verify the server's certificate.
     #[arg(long)]
     pub tls_no_verify: bool,
-    /// Seconds to wait for a silent server before failing.
+    /// Seconds to wait for a silent NBD or HTTP server before the request fails (and is
+    /// retried, see --retries).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub timeout: u64,
+    /// Seconds connecting and the handshake (TLS included) may take, at most --timeout.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub connect_timeout: u64,
 }
 
 impl NbdArgs {
@@ -37,7 +41,17 @@ impl NbdArgs {
             tls_client: self.tls_cert.clone().zip(self.tls_key.clone()),
             tls_no_verify: self.tls_no_verify,
             timeout: Duration::from_secs(self.timeout),
+            connect_timeout: Duration::from_secs(self.connect_timeout),
             ..NbdOptions::default()
+        }
+    }
+
+    /// The same deadlines for HTTP servers.
+    pub fn deadlines(&self) -> imageio::Deadlines {
+        let io = Duration::from_secs(self.timeout.max(1));
+        imageio::Deadlines {
+            connect: Duration::from_secs(self.connect_timeout.max(1)).min(io),
+            io,
         }
     }
 }
@@ -64,8 +78,10 @@ pub struct HttpArgs {
 }
 
 impl HttpArgs {
-    pub fn settings(&self) -> HttpSettings {
+    /// HTTP settings, with the deadlines of the shared connection flags.
+    pub fn settings(&self, nbd: &NbdArgs) -> HttpSettings {
         HttpSettings {
+            deadlines: nbd.deadlines(),
             ca_file: self.cafile.clone(),
             insecure: self.insecure,
             unix_socket: !self.no_unix_socket,
@@ -85,7 +101,7 @@ impl HttpArgs {
 pub fn read_options(nbd: &NbdArgs, http: &HttpArgs, connections: usize) -> endpoints::OpenOptions {
     endpoints::OpenOptions {
         nbd: nbd.options(),
-        http: http.settings(),
+        http: http.settings(nbd),
         connections,
         retry: http.retry(),
         ..endpoints::OpenOptions::default()

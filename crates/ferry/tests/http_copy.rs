@@ -13,9 +13,11 @@ mod common;
 mod fake_http;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 use fake_http::{Behaviour, Cut, FakeServer, Seen};
+use testutil::fault_proxy::{Direction, Fault};
 use testutil::imageio::{ImageioServer, ServerOptions};
 use testutil::{Certs, Layout, Nbdkit, Peer, QemuNbd};
 
@@ -677,8 +679,6 @@ fn old_daemon(image: Vec<u8>) -> FakeServer {
     )
 }
 
-/// True if `offset` lies in one of `layout`'s holes (a file source reports holes as zero
-/// extents, so they reach the server as zero requests rather than in a data run).
 /// Cuts the first request `hit` accepts, as `how` says; the cell gets the offset it was at.
 fn cut_first(
     server: &FakeServer,
@@ -937,30 +937,60 @@ fn a_plain_http_source_that_ignores_range() {
     );
 }
 
-/// A cut ranged GET whose answer had begun cannot be resent from where it stopped: the copy
+/// A ranged GET cut in the middle of its body is asked for again from the first byte not yet
+/// delivered, not from the start of its run, and the copy completes; without retries it
 /// fails, naming the run that broke.
 #[test]
-fn a_get_cut_in_the_middle_of_its_body_fails_with_its_offset() {
+fn a_get_cut_in_the_middle_of_its_body_resumes_where_it_stopped() {
     let dir = testutil::temp_dir();
     let expected = sample_layout().expected();
-    let server = FakeServer::start(
-        expected,
-        Behaviour {
-            ranges: true,
-            ..Default::default()
-        },
-    );
-    let cut = cut_first(&server, Cut::MidBody, |r: &Seen| {
-        r.method == "GET" && r.offset.is_some_and(|o| o > 0)
-    });
-    let out = dir.path().join("out.raw");
-    let run = copy(&[], &server.url("/disk.raw"), out.to_str().unwrap());
-    let stderr = run.expect_code(1);
-    let offset = cut.lock().unwrap().expect("a GET was cut");
-    assert!(
-        stderr.contains(&format!("at offset {offset} ")),
-        "the error names the cut run's offset {offset}: {stderr}"
-    );
+    for retries in ["10", "0"] {
+        let server = FakeServer::start(
+            expected.clone(),
+            Behaviour {
+                ranges: true,
+                ..Default::default()
+            },
+        );
+        let cut = cut_first(&server, Cut::MidBody, |r: &Seen| {
+            r.method == "GET" && r.offset.is_some_and(|o| o > 0) && r.length > 64 << 10
+        });
+        let out = dir.path().join(format!("out-{retries}.raw"));
+        let run = copy(
+            &["--retries", retries],
+            &server.url("/disk.raw"),
+            out.to_str().unwrap(),
+        );
+        let offset = cut.lock().unwrap().expect("a GET was cut");
+        let log = server.log();
+        let length = log
+            .iter()
+            .find(|r| r.method == "GET" && r.offset == Some(offset) && r.status == 0)
+            .map(|r| r.length)
+            .expect("the cut GET is logged");
+        if retries == "0" {
+            // The error names the piece of the run where the body broke.
+            let stderr = run.expect_code(1);
+            let named: u64 = stderr
+                .split("at offset ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no offset in {stderr}"));
+            assert!(
+                (offset..offset + length).contains(&named),
+                "the error names an offset in the cut run {offset} (+{length}): {stderr}"
+            );
+            continue;
+        }
+        run.expect_ok();
+        assert_same_bytes(&std::fs::read(&out).unwrap(), &expected, "resumed GET");
+        assert!(
+            log.iter().any(|r| r.method == "GET"
+                && r.offset.is_some_and(|o| o > offset && o < offset + length)),
+            "no GET resumed inside the cut run at {offset} (+{length}): {log:?}"
+        );
+    }
 }
 
 /// The server refuses a data run's PUT (whose body was streamed) with a message: the copy
@@ -1058,10 +1088,7 @@ fn an_upload_through_connections_cut_mid_body_completes() {
     let dir = testutil::temp_dir();
     // The first four connections break after 512 KiB from ferry. However ferry spreads the
     // 13 MiB over its (at most four) connections, one of them carries more than that.
-    let faults = testutil::fault_proxy::Faults {
-        cut_after: (0..4).map(|n| (n, 512 << 10)).collect(),
-        cut_all_after: None,
-    };
+    let faults = testutil::fault_proxy::Faults::cut_first(4, 512 << 10);
     let (run, proxy, expected, dst, _) = upload_through_proxy(dir.path(), faults, &[]);
     let stderr = run.expect_ok();
     assert!(proxy.cuts() >= 1, "no connection was cut");
@@ -1078,10 +1105,10 @@ fn an_upload_through_connections_cut_mid_body_completes() {
 #[test]
 fn an_upload_through_a_peer_that_cuts_everything_fails_after_its_retries() {
     let dir = testutil::temp_dir();
-    let faults = testutil::fault_proxy::Faults {
-        cut_after: Vec::new(),
-        cut_all_after: Some(0),
-    };
+    let faults = testutil::fault_proxy::Faults::every(Fault::Cut {
+        dir: Direction::ToServer,
+        after: 0,
+    });
     let (run, proxy, _, _, url) = upload_through_proxy(dir.path(), faults, &["--retries", "2"]);
     let stderr = run.expect_code(1);
     assert!(stderr.contains(&format!("open {url} failed")), "{stderr}");
@@ -1090,5 +1117,125 @@ fn an_upload_through_a_peer_that_cuts_everything_fails_after_its_retries() {
         proxy.connections() >= 3,
         "{} connections",
         proxy.connections()
+    );
+}
+
+/// Downloads a ferry serve ticket holding the sample through a proxy misbehaving as `faults`
+/// say, into a new file: the run, the proxy, the image expected and the file written.
+fn download_through_proxy(
+    dir: &Path,
+    faults: testutil::fault_proxy::Faults,
+    extra: &[&str],
+) -> (Run, testutil::fault_proxy::FaultProxy, Vec<u8>, PathBuf) {
+    let serve = ImageioServer::ferry_serve(Path::new(ferry_bin()), &ServerOptions::default());
+    let (raw, expected) = sample(dir);
+    install(
+        &serve,
+        "down",
+        &raw,
+        expected.len() as u64,
+        Backend::File,
+        &["read"],
+        false,
+    );
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", serve.port()).parse().unwrap();
+    let proxy = testutil::fault_proxy::FaultProxy::start(target, faults);
+    let url = format!("http://127.0.0.1:{}/images/down", proxy.port());
+    let out = dir.join("down.raw");
+    let mut args = vec!["--no-unix-socket"];
+    args.extend_from_slice(extra);
+    let run = ferry(
+        ["copy"]
+            .iter()
+            .chain(&args)
+            .chain(&[url.as_str(), out.to_str().unwrap()]),
+    )
+    .env("RUST_LOG", "warn")
+    .timeout(Duration::from_secs(120))
+    .run();
+    if run.status.success() {
+        expect_ok(&run, &serve);
+    }
+    (run, proxy, expected, out)
+}
+
+/// Connections that break at pseudo-random points — requests cut mid-body, answers truncated,
+/// connections that go silent — on an upload: every broken request goes again (a silent one
+/// once `--timeout` passes), and the image arrives whole.
+#[test]
+fn an_upload_through_connections_broken_at_random_points_completes() {
+    let dir = testutil::temp_dir();
+    let faults = testutil::fault_proxy::Faults::random(0x5eed, 6, 2 << 20, 600, true);
+    let (run, proxy, expected, dst, _) =
+        upload_through_proxy(dir.path(), faults, &["--timeout", "2"]);
+    let stderr = run.expect_ok();
+    assert!(
+        proxy.cuts() + proxy.stalls() >= 1,
+        "no connection broke: {stderr}"
+    );
+    assert!(stderr.contains("retrying (1 of 10)"), "{stderr}");
+    assert_same_bytes(
+        &std::fs::read(&dst).unwrap(),
+        &expected,
+        "image after randomly broken uploads",
+    );
+}
+
+/// Downloads whose responses are truncated mid-body, or stall, at pseudo-random points: the
+/// broken GETs go again and the file is whole.
+#[test]
+fn a_download_through_truncated_and_stalled_responses_completes() {
+    let dir = testutil::temp_dir();
+    let mut faults = testutil::fault_proxy::Faults::random(0xd0d0, 6, 600, 2 << 20, true);
+    // Make sure a response body is truncated (cut towards the client mid-GET).
+    faults.connection[0].1 = Fault::Cut {
+        dir: Direction::ToClient,
+        after: 300 << 10,
+    };
+    let (run, proxy, expected, out) =
+        download_through_proxy(dir.path(), faults, &["--timeout", "2"]);
+    let stderr = run.expect_ok();
+    assert!(proxy.cuts() >= 1, "no response was truncated: {stderr}");
+    assert_same_bytes(
+        &std::fs::read(&out).unwrap(),
+        &expected,
+        "image after broken downloads",
+    );
+}
+
+/// A link that adds latency to everything is slow, not broken.
+#[test]
+fn a_delayed_link_completes_without_retries() {
+    let dir = testutil::temp_dir();
+    let faults = testutil::fault_proxy::Faults::every(Fault::Delay(Duration::from_millis(2)));
+    let (run, proxy, expected, dst, _) = upload_through_proxy(dir.path(), faults, &[]);
+    let stderr = run.expect_ok();
+    assert!(proxy.connections() >= 1);
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert_same_bytes(&std::fs::read(&dst).unwrap(), &expected, "delayed upload");
+}
+
+/// A server that accepts every connection and then says nothing: each request fails at
+/// `--timeout`, is retried, and the copy fails with the documented exit code and message —
+/// it never hangs.
+#[test]
+fn a_server_that_goes_silent_fails_at_the_deadline() {
+    let dir = testutil::temp_dir();
+    let faults = testutil::fault_proxy::Faults::every(Fault::Stall {
+        dir: Direction::ToClient,
+        after: 0,
+    });
+    let started = std::time::Instant::now();
+    let (run, proxy, _, _, url) =
+        upload_through_proxy(dir.path(), faults, &["--timeout", "1", "--retries", "1"]);
+    let stderr = run.expect_code(1);
+    assert!(stderr.contains(&format!("open {url} failed")), "{stderr}");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(stderr.contains("(after 2 attempts)"), "{stderr}");
+    assert!(proxy.stalls() >= 2, "{} stalls", proxy.stalls());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
     );
 }

@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use crate::body::ReqBody;
 use crate::request::{Fail, Shared, content_range, content_range_total, status_error};
 use crate::stream::{RunReader, RunWriter};
+pub use crate::transport::Deadlines;
 use crate::transport::{Pool, Transport};
 use crate::upload::RunSink;
 use crate::url::HttpUrl;
@@ -49,6 +50,8 @@ pub struct HttpOptions {
     pub dirty: bool,
     /// How requests that fail on the way (connections, 5xx) are retried.
     pub retry: RetryPolicy,
+    /// Deadlines for opening a connection and for a server that stops moving bytes.
+    pub deadlines: Deadlines,
 }
 
 impl Default for HttpOptions {
@@ -61,6 +64,7 @@ impl Default for HttpOptions {
             unix_socket: true,
             dirty: false,
             retry: RetryPolicy::default(),
+            deadlines: Deadlines::default(),
         }
     }
 }
@@ -137,7 +141,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         name: url.to_string(),
         host: parsed.authority(),
         target: parsed.target.clone(),
-        pool: Pool::new(transport.clone(), 1),
+        pool: Pool::new(transport.clone(), 1, opts.deadlines),
         retry: opts.retry,
     });
     let (options, allow) = probe_options(&shared, &fail).await?;
@@ -196,7 +200,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         && let Some(socket) = info.unix_socket.clone().filter(|s| !s.is_empty())
     {
         let local = Transport::Unix(socket);
-        match local.connect().await {
+        match local.connect(opts.deadlines).await {
             Ok(_) => {
                 info.transport = format!("{local:?}");
                 shared.pool.set_transport(local);

@@ -12,5 +12,5 @@ mod upload;
 pub mod url;
 pub mod wire;
 
-pub use endpoint::{HttpEndpoint, HttpOptions, ServerInfo, open, parse_extents};
+pub use endpoint::{Deadlines, HttpEndpoint, HttpOptions, ServerInfo, open, parse_extents};
 pub use url::{HttpUrl, is_http_url};

@@ -172,22 +172,26 @@ impl Shared {
         fail: &Fail,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), DiskError> {
         let mut backoff = Backoff::new(self.retry);
-        let (resp, lease) = loop {
+        loop {
             let (resp, lease) = self.send(&make, fail).await?;
-            if resp.status().is_success() {
-                break (resp, lease);
-            }
-            // A server error (5xx) may pass; the request is sent again like one whose
-            // connection broke. 4xx answers are final.
-            let err = status_error(resp, fail).await;
+            // A server error (5xx) may pass, and so may a connection that broke while the
+            // answer was read: the request is sent again. 4xx answers are final.
+            let err = if resp.status().is_success() {
+                let (parts, body) = resp.into_parts();
+                match body.collect().await {
+                    Ok(body) => {
+                        lease.release();
+                        return Ok((parts.status, parts.headers, body.to_bytes()));
+                    }
+                    Err(e) => fail.hyper(&e),
+                }
+            } else {
+                status_error(resp, fail).await
+            };
             if !backoff.again(&err).await {
                 return Err(backoff.give_up(err));
             }
-        };
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| fail.hyper(&e))?.to_bytes();
-        lease.release();
-        Ok((parts.status, parts.headers, body))
+        }
     }
 
     pub fn request(&self, method: Method, target: &str) -> http::request::Builder {

@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::body::ReqBody;
 use crate::request::{Fail, Shared};
+use crate::transport::Lease;
+use disk::retry::Backoff;
 
 /// One pipeline's uploads: runs are sent one after another by one task, each as one PUT.
 /// A run's pieces are kept until the server has answered, so a run whose connection broke (or
@@ -172,6 +174,9 @@ impl RunReader {
 
 type Want = (u64, oneshot::Sender<Result<Bytes, DiskError>>);
 
+/// Serves one run's pieces from one GET. A response that breaks mid-body (a reset, a
+/// truncated answer, a server gone silent) is asked for again from the first byte not yet
+/// handed out, under the retry policy: the pieces already delivered are never read twice.
 async fn get_run(
     shared: &Shared,
     offset: u64,
@@ -179,46 +184,86 @@ async fn get_run(
     whole: bool,
     mut wants: mpsc::UnboundedReceiver<Want>,
 ) {
-    let fail = Fail::new(&shared.name, Op::Read).at(offset, len);
-    let opened = async {
-        let range = (!whole).then_some((offset, len));
-        shared.get_range(range, &fail).await
-    }
-    .await;
-    let (resp, lease) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            while let Some((_, reply)) = wants.recv().await {
-                let _ = reply.send(Err(e.clone()));
-            }
-            return;
-        }
-    };
-    let mut body = resp.into_body();
-    let mut pending = Bytes::new();
-    let mut pos = offset;
     let end = offset + len;
+    let mut pos = offset;
+    let mut backoff = Backoff::new(shared.retry);
+    let mut open = None;
     while let Some((n, reply)) = wants.recv().await {
-        let result = fill(&mut body, &mut pending, n, pos, end, &fail).await;
-        let failed = result.is_err();
-        if failed {
-            let err = result.as_ref().err().cloned();
-            let _ = reply.send(result);
-            // Later pieces cannot be served either.
-            while let Some((_, reply)) = wants.recv().await {
-                let _ = reply.send(Err(err.clone().expect("error")));
+        let result = loop {
+            let (body, pending, _) = match &mut open {
+                Some(o) => o,
+                None => match open_at(shared, offset, pos, end, whole).await {
+                    Ok(o) => open.insert(o),
+                    Err(e) => break Err(e),
+                },
+            };
+            let fail = Fail::new(&shared.name, Op::Read).at(pos, n);
+            match fill(body, pending, n, pos, end, &fail).await {
+                Ok(piece) => break Ok(piece),
+                Err(e) => {
+                    open = None;
+                    if !backoff.again(&e).await {
+                        break Err(backoff.give_up(e));
+                    }
+                }
             }
-            return;
-        }
-        if reply.send(result).is_err() {
+        };
+        let piece = match result {
+            Ok(piece) => piece,
+            Err(err) => {
+                let _ = reply.send(Err(err.clone()));
+                // Later pieces cannot be served either.
+                while let Some((_, reply)) = wants.recv().await {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        if reply.send(Ok(piece)).is_err() {
             // The copy stopped and no longer wants this run: drop the connection mid-body.
             return;
         }
         pos += n;
+        backoff = Backoff::new(shared.retry);
     }
-    if pos == end && pending.is_empty() && body.frame().await.is_none() {
+    if let Some((mut body, pending, lease)) = open
+        && pos == end
+        && pending.is_empty()
+        && body.frame().await.is_none()
+    {
         lease.release();
     }
+}
+
+/// A GET for the rest of a run, from `pos`: a ranged one, or for a server without ranges the
+/// whole image again with the bytes before `pos` skipped.
+async fn open_at(
+    shared: &Shared,
+    offset: u64,
+    pos: u64,
+    end: u64,
+    whole: bool,
+) -> Result<(Incoming, Bytes, Lease), DiskError> {
+    let fail = Fail::new(&shared.name, Op::Read).at(pos, end - pos);
+    let range = (!whole).then_some((pos, end - pos));
+    let (resp, lease) = shared.get_range(range, &fail).await?;
+    let mut body = resp.into_body();
+    let mut pending = Bytes::new();
+    if whole && pos > offset {
+        let mut skip = pos - offset;
+        while skip > 0 {
+            match next_data(&mut body, &fail).await? {
+                Some(mut frame) => {
+                    let take = skip.min(frame.len() as u64);
+                    let _ = frame.split_to(take as usize);
+                    skip -= take;
+                    pending = frame;
+                }
+                None => return Err(short(pos, 0, (end - pos) as usize, &fail)),
+            }
+        }
+    }
+    Ok((body, pending, lease))
 }
 
 /// Cuts the next `n` bytes out of the response body into one pooled buffer.

@@ -1,6 +1,9 @@
 //! Connections to the HTTP server: TCP (with rustls when the URL is https) or a Unix socket
 //! (path or abstract name), each an HTTP/1.1 connection driven by its own task; and the pool
-//! that hands them out, one request at a time, reusing keep-alive connections.
+//! that hands them out, one request at a time, reusing keep-alive connections. Every
+//! connection has deadlines: one for connecting (TCP and TLS), and one for any read or write
+//! that makes no progress, so a server that goes silent fails the request instead of holding
+//! the copy forever.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -15,7 +18,22 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ReqBody;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to open, and how long a read or write may wait without a
+/// byte moving (an idle keep-alive connection that hits it is closed and replaced later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    pub connect: Duration,
+    pub io: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            connect: Duration::from_secs(10),
+            io: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Where connections go.
 #[derive(Clone)]
@@ -48,12 +66,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Transport {
     /// Opens one HTTP/1.1 connection; its driver runs on a task of its own.
-    pub async fn connect(&self) -> io::Result<SendRequest<ReqBody>> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.open_stream())
+    pub async fn connect(&self, deadlines: Deadlines) -> io::Result<SendRequest<ReqBody>> {
+        let stream = tokio::time::timeout(deadlines.connect, self.open_stream())
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"))??;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connecting timed out after {} s",
+                        deadlines.connect.as_secs_f64()
+                    ),
+                )
+            })??;
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_read_timeout(Some(deadlines.io));
+        stream.set_write_timeout(Some(deadlines.io));
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Box::pin(stream)))
             .await
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
@@ -100,6 +129,7 @@ impl Transport {
 /// Up to `size` connections, each carrying one request at a time.
 pub struct Pool {
     transport: Mutex<Transport>,
+    deadlines: Deadlines,
     idle: Mutex<Vec<SendRequest<ReqBody>>>,
     slots: Arc<Semaphore>,
     size: std::sync::atomic::AtomicUsize,
@@ -114,10 +144,11 @@ pub struct Lease {
 }
 
 impl Pool {
-    pub fn new(transport: Transport, size: usize) -> Arc<Pool> {
+    pub fn new(transport: Transport, size: usize, deadlines: Deadlines) -> Arc<Pool> {
         let size = size.max(1);
         Arc::new(Pool {
             transport: Mutex::new(transport),
+            deadlines,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size)),
             size: size.into(),
@@ -183,7 +214,7 @@ impl Pool {
                 });
             }
         }
-        let sender = self.transport().connect().await?;
+        let sender = self.transport().connect(self.deadlines).await?;
         Ok(Lease {
             sender,
             pool: self.clone(),

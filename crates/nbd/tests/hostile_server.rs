@@ -185,6 +185,55 @@ async fn unlimited_maximum_payload_is_accepted() {
     .await
 }
 
+/// Offsets are signed 64-bit in every file and syscall: a larger export is refused at the
+/// handshake, naming its size, and the largest legal one is accepted.
+#[tokio::test]
+async fn export_larger_than_i64_max_is_refused() {
+    guard(async {
+        for size in [i64::MAX as u64 + 1, u64::MAX] {
+            let setup = Setup {
+                size,
+                ..Setup::default()
+            };
+            let err = handshake_error(move |s| async move {
+                s.handshake(setup).await.hold().await;
+            })
+            .await;
+            assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+            assert!(err.to_string().contains(&size.to_string()), "{err}");
+            assert!(err.to_string().contains("2^63 - 1"), "{err}");
+        }
+        let setup = Setup {
+            size: i64::MAX as u64,
+            ..Setup::default()
+        };
+        let (_dir, opts) = serve(move |s| async move {
+            s.handshake(setup).await.hold().await;
+        });
+        let conn = opts.connect().await.expect("2^63 - 1 is a legal size");
+        assert_eq!(conn.size(), i64::MAX as u64);
+    })
+    .await
+}
+
+/// A server that accepts and then says nothing is given up on at the handshake deadline, not
+/// the (longer) I/O timeout.
+#[tokio::test]
+async fn silent_server_fails_at_the_handshake_deadline() {
+    guard(async {
+        let (_dir, mut opts) = serve(|s| async move {
+            s.hold().await;
+        });
+        opts.settings.timeout = Duration::from_secs(60);
+        opts.settings.handshake_timeout = Some(Duration::from_millis(300));
+        let started = Instant::now();
+        let err = opts.connect().await.err().expect("the handshake must fail");
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+        assert_eq!(err.kind(), errkind::ErrorKind::Timeout, "{err:?}");
+    })
+    .await
+}
+
 // ---- fatal transmission errors --------------------------------------------------------------
 
 #[tokio::test]

@@ -20,6 +20,8 @@ const MAX_OPTION_REPLY_LEN: u32 = 64 * 1024;
 /// Most replies accepted for one option (exports listed, contexts, infos): far above any real
 /// server, low enough that a server that never sends the final reply cannot exhaust memory.
 const MAX_OPTION_REPLIES: usize = 16 * 1024;
+/// The largest export size accepted: offsets are signed 64-bit everywhere else.
+pub const MAX_EXPORT_SIZE: u64 = i64::MAX as u64;
 
 /// Everything the handshake established about the export and the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,6 +385,15 @@ impl Handshake {
         if negotiated.flags & TFLAG_HAS_FLAGS == 0 {
             // Flags without HAS_FLAGS carry no meaning; treat the export as featureless.
             negotiated.flags = TFLAG_HAS_FLAGS;
+        }
+        if negotiated.size > MAX_EXPORT_SIZE {
+            // No file or device can be that large, and offsets past it do not fit the signed
+            // 64-bit offsets every peer and syscall uses: refuse it now, not mid-copy.
+            return Err(Error::Unsupported(format!(
+                "export {:?} has size {} bytes, larger than the largest possible ({MAX_EXPORT_SIZE}, \
+                 2^63 - 1)",
+                opts.export, negotiated.size
+            )));
         }
         Ok((self.stream, negotiated))
     }

@@ -25,6 +25,9 @@ pub type BoxStream = Box<dyn Stream>;
 
 /// Default time the client waits for the server to say anything while it is owed an answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default deadline for connecting and the handshake: a server that accepts and then says
+/// nothing is given up on (and the connection retried) well before [`DEFAULT_TIMEOUT`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on requests in flight on one connection (nbdcopy's `--requests`).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
@@ -56,7 +59,7 @@ impl Default for ClientSettings {
             list_meta_contexts: false,
             full_info: false,
             timeout: DEFAULT_TIMEOUT,
-            handshake_timeout: None,
+            handshake_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }

@@ -33,6 +33,8 @@ pub struct Setup {
     pub export_info: bool,
     /// Send INFO_BLOCK_SIZE with these values.
     pub block_size: Option<BlockSize>,
+    /// Export size announced in INFO_EXPORT.
+    pub size: u64,
 }
 
 impl Default for Setup {
@@ -46,6 +48,7 @@ impl Default for Setup {
                 preferred: 4096,
                 maximum: 32 << 20,
             }),
+            size: SIZE,
         }
     }
 }
@@ -141,7 +144,10 @@ impl Server {
                 OPT_GO => {
                     if setup.export_info {
                         let flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_WRITE_ZEROES;
-                        let info = Info::Export { size: SIZE, flags };
+                        let info = Info::Export {
+                            size: setup.size,
+                            flags,
+                        };
                         self.reply(option, OptionReply::Info(info)).await;
                     }
                     if let Some(b) = setup.block_size {
