@@ -22,6 +22,8 @@ pub struct QemuNbd {
     tcp: bool,
     discard: bool,
     extra: Vec<String>,
+    /// Listen on this socket instead of a fresh private one (a server restarted in place).
+    socket: Option<PathBuf>,
 }
 
 impl QemuNbd {
@@ -40,7 +42,15 @@ impl QemuNbd {
             tcp: false,
             discard: false,
             extra: Vec::new(),
+            socket: None,
         }
+    }
+
+    /// Listens on `path` (whose directory the caller keeps), so that a server started again
+    /// later has the same URI.
+    pub fn unix_socket(mut self, path: &Path) -> Self {
+        self.socket = Some(path.to_path_buf());
+        self
     }
 
     /// `raw` or `qcow2` (`-f`).
@@ -117,6 +127,9 @@ impl QemuNbd {
         let dir = crate::temp_dir();
         let endpoint = if self.tcp {
             Endpoint::free_tcp()
+        } else if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+            Endpoint::Unix(path.clone())
         } else {
             Endpoint::unix_in(dir.path())
         };
