@@ -58,14 +58,25 @@ pub struct ServeArgs {
     /// Install this ticket (imageio ticket JSON) at start-up; may be repeated.
     #[arg(long = "ticket", value_name = "FILE.json")]
     pub tickets: Vec<PathBuf>,
+    /// Keep every ticket in this directory and install them again at start-up, so a
+    /// restarted server serves the same tickets (imageio forgets them).
+    #[arg(long, value_name = "DIR")]
+    pub ticket_store: Option<PathBuf>,
     /// Once listening, write {"remote": ADDR, "local": PATH, "control": PATH-or-ADDR,
     /// "nbd_socket": PATH, "nbd_listen": ADDR} here.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
 }
 
-/// Flags and file merged into a server configuration, start-up tickets and the ready file.
-fn plan(args: ServeArgs) -> Result<(ServerConfig, Vec<PathBuf>, Option<PathBuf>), Failure> {
+/// What `ferry serve` starts from besides the server configuration.
+struct Start {
+    tickets: Vec<PathBuf>,
+    ticket_store: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
+}
+
+/// Flags and file merged into a server configuration and what it starts with.
+fn plan(args: ServeArgs) -> Result<(ServerConfig, Start), Failure> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path).map_err(usage)?,
         None => FileConfig::default(),
@@ -114,13 +125,22 @@ fn plan(args: ServeArgs) -> Result<(ServerConfig, Vec<PathBuf>, Option<PathBuf>)
     }
     let mut tickets = file.tickets;
     tickets.extend(args.tickets);
-    Ok((cfg, tickets, args.ready_file.or(file.ready_file)))
+    let start = Start {
+        tickets,
+        ticket_store: args.ticket_store.or(file.ticket_store),
+        ready_file: args.ready_file.or(file.ready_file),
+    };
+    Ok((cfg, start))
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), Failure> {
-    let (cfg, ticket_files, ready_file) = plan(args)?;
-    let store = Arc::new(TicketStore::new());
-    for path in &ticket_files {
+    let (cfg, start) = plan(args)?;
+    let ready_file = start.ready_file;
+    let store = Arc::new(match &start.ticket_store {
+        Some(dir) => TicketStore::persistent(dir).context("opening the ticket store")?,
+        None => TicketStore::new(),
+    });
+    for path in &start.tickets {
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let spec =
             TicketSpec::from_json(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;

@@ -9,6 +9,7 @@
 //! local_socket = "/run/ferry/local.sock"
 //! control_socket = "/run/ferry/control.sock"
 //! tickets = ["/etc/ferry/ticket.json"]
+//! ticket_store = "/var/lib/ferry/tickets"  # keep tickets across restarts
 //! auth_timeout = 60       # seconds an unauthorized connection may stay idle
 //! remove_timeout = 60     # seconds DELETE waits for running operations
 //! reap_grace = 600        # seconds after expiry before a ticket is removed
@@ -32,6 +33,7 @@ pub struct FileConfig {
     pub control_listen: Option<String>,
     #[serde(default)]
     pub tickets: Vec<PathBuf>,
+    pub ticket_store: Option<PathBuf>,
     pub ready_file: Option<PathBuf>,
     pub auth_timeout: Option<f64>,
     pub remove_timeout: Option<f64>,

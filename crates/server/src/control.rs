@@ -119,7 +119,10 @@ impl ControlApi {
                 spec.uuid
             )));
         }
-        self.store.add(spec);
+        self.store.install(spec).map_err(|e| {
+            tracing::error!("{e}");
+            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        })?;
         Ok(empty(StatusCode::OK))
     }
 

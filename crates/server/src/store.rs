@@ -10,8 +10,16 @@
 //! cancels it: new requests are refused at once, running operations see
 //! [`Ticket::is_canceled`] (or wait on [`Ticket::cancelled`]) and stop between chunks, and the
 //! delete waits for them up to a deadline.
+//!
+//! A store made with [`TicketStore::persistent`] also keeps every ticket's document in a
+//! directory (one file per ticket, replaced atomically, removed with the ticket) and installs
+//! them again when the server starts, so a restarted server serves the same tickets and an
+//! orchestrator need not notice. A restored ticket's expiry starts afresh; its transfer
+//! counters start at zero.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,6 +39,18 @@ pub struct Forbidden(pub String);
 #[derive(Default)]
 pub struct TicketStore {
     tickets: Mutex<HashMap<String, Arc<Ticket>>>,
+    /// Where ticket documents are kept across restarts, if anywhere.
+    persist: Option<PathBuf>,
+}
+
+/// A ticket store directory that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("ticket store {path}: {what}: {source}")]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// A ticket whose operations outlived the deadline of its removal: it stays, cancelled.
@@ -46,6 +66,86 @@ impl TicketStore {
         Self::default()
     }
 
+    /// A store that keeps its tickets in `dir` (created if missing), with the tickets a
+    /// previous server left there installed again. Documents that no longer parse are
+    /// skipped with a warning, not fatal: one bad file must not keep the others from serving.
+    pub fn persistent(dir: &Path) -> Result<TicketStore, StoreError> {
+        let err = |what, source| StoreError {
+            path: dir.to_path_buf(),
+            what,
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err("creating it", e))?;
+        let store = TicketStore {
+            tickets: Mutex::default(),
+            persist: Some(dir.to_path_buf()),
+        };
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| err("listing it", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        names.sort();
+        for path in names {
+            let spec = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|doc| TicketSpec::from_json(&doc).map_err(|e| e.to_string()));
+            match spec {
+                Ok(spec) => {
+                    tracing::info!(ticket = %spec.uuid, "ticket restored");
+                    store.insert(spec);
+                }
+                Err(e) => tracing::warn!("skipping ticket file {}: {e}", path.display()),
+            }
+        }
+        Ok(store)
+    }
+
+    /// The file that keeps ticket `id`: its bytes in hex, so any id is a safe file name.
+    fn document_path(dir: &Path, id: &str) -> PathBuf {
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        dir.join(format!("{hex}.json"))
+    }
+
+    /// Writes `spec`'s document (tempfile, fsync, rename, fsync of the directory).
+    fn keep(&self, spec: &TicketSpec) -> Result<(), StoreError> {
+        let Some(dir) = &self.persist else {
+            return Ok(());
+        };
+        let path = Self::document_path(dir, &spec.uuid);
+        let err = |what, source| StoreError {
+            path: path.clone(),
+            what,
+            source,
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| err("creating", e))?;
+        tmp.write_all(&spec.document)
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| err("writing", e))?;
+        tmp.persist(&path).map_err(|e| err("replacing", e.error))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err("syncing its directory", e))
+    }
+
+    fn discard(&self, id: &str) {
+        if let Some(dir) = &self.persist {
+            let path = Self::document_path(dir, id);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing ticket file {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Installs a ticket like [`TicketStore::add`], kept on disk first when the store is
+    /// persistent: a ticket that could not be kept is not installed.
+    pub fn install(&self, spec: TicketSpec) -> Result<Arc<Ticket>, StoreError> {
+        self.keep(&spec)?;
+        Ok(self.add(spec))
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Ticket>>> {
         self.tickets.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -53,12 +153,17 @@ impl TicketStore {
     /// Installs a ticket, replacing one with the same id (as the reference does: the old one
     /// is cancelled so its connections stop using it).
     pub fn add(&self, spec: TicketSpec) -> Arc<Ticket> {
+        let ticket = self.insert(spec);
+        tracing::info!(ticket = %ticket.id(), transfer = %ticket.label(), "ticket added");
+        ticket
+    }
+
+    fn insert(&self, spec: TicketSpec) -> Arc<Ticket> {
         let ticket = Arc::new(Ticket::new(spec));
         let old = self.map().insert(ticket.id().to_owned(), ticket.clone());
         if let Some(old) = old {
             old.cancel();
         }
-        tracing::info!(ticket = %ticket.id(), transfer = %ticket.label(), "ticket added");
         ticket
     }
 
@@ -104,6 +209,7 @@ impl TicketStore {
     pub fn clear(&self) {
         let all: Vec<_> = self.map().drain().map(|(_, t)| t).collect();
         for t in all {
+            self.discard(t.id());
             t.close_backend_if_unused();
         }
         tracing::info!("all tickets removed");
@@ -114,6 +220,7 @@ impl TicketStore {
         let mut map = self.map();
         if map.get(ticket.id()).is_some_and(|t| Arc::ptr_eq(t, ticket)) {
             map.remove(ticket.id());
+            self.discard(ticket.id());
         }
         drop(map);
         ticket.close_backend_if_unused();
@@ -406,6 +513,12 @@ impl OpGuard {
         }
     }
 
+    /// Counts `[offset, offset + n)` as moved, whatever the order its pieces complete in
+    /// (an upload's backend writes). Ranges written twice count once.
+    pub fn completed(&self, offset: u64, n: u64) {
+        add_range(&mut self.ticket.state().done, offset, offset + n);
+    }
+
     pub fn ticket(&self) -> &Arc<Ticket> {
         &self.ticket
     }
@@ -529,6 +642,19 @@ mod tests {
         assert_eq!(info["active"], false);
         let rw = store.add(spec("rw", &["read", "write"], 100));
         assert!(rw.info().get("transferred").is_none());
+    }
+
+    #[test]
+    fn completed_ranges_count_once_in_any_order() {
+        let store = TicketStore::new();
+        let t = store.add(spec("w", &["write"], 100));
+        let op = t.begin(0).unwrap();
+        op.completed(64, 64);
+        assert_eq!(t.info()["transferred"], 64);
+        op.completed(0, 64);
+        op.completed(32, 64);
+        drop(op);
+        assert_eq!(t.info()["transferred"], 128);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! only checked for a supported scheme.
 
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// Socket timeout once a connection is authorized, when the ticket does not say.
 pub const DEFAULT_INACTIVITY_TIMEOUT: u64 = 60;
@@ -55,6 +56,8 @@ pub struct TicketSpec {
     pub filename: Option<String>,
     pub sparse: bool,
     pub dirty: bool,
+    /// The document as the control API received it: what a persistent store keeps.
+    pub document: Arc<[u8]>,
 }
 
 impl TicketSpec {
@@ -68,7 +71,9 @@ impl TicketSpec {
                 "Ticket is not a JSON object".to_string(),
             ));
         };
-        Self::from_map(&map, raw_size(body)).map_err(TicketError::Invalid)
+        let mut spec = Self::from_map(&map, raw_size(body)).map_err(TicketError::Invalid)?;
+        spec.document = body.into();
+        Ok(spec)
     }
 
     fn from_map(map: &Map<String, Value>, raw_size: Option<String>) -> Result<TicketSpec, String> {
@@ -112,6 +117,7 @@ impl TicketSpec {
             filename: optional(map, "filename", as_str)?,
             sparse: optional(map, "sparse", as_bool)?.unwrap_or(false),
             dirty: optional(map, "dirty", as_bool)?.unwrap_or(false),
+            document: Arc::from(&[][..]),
         })
     }
 

@@ -38,7 +38,9 @@ const MAX_WRITES: usize = 64;
 /// Zero detection in uploaded data works on aligned blocks of this size.
 const ZERO_DETECT_BLOCK: usize = 64 << 10;
 
-type WriteFut = Pin<Box<dyn std::future::Future<Output = Result<u64, disk::DiskError>> + Send>>;
+/// A backend write or zero of a body piece; it yields the range it completed.
+type WriteFut =
+    Pin<Box<dyn std::future::Future<Output = Result<(u64, u64), disk::DiskError>> + Send>>;
 
 pub(crate) async fn put(
     api: &DataApi,
@@ -150,12 +152,15 @@ pub(crate) async fn put(
             let n = piece.len as u64;
             if piece.zero {
                 writes.push(Box::pin(async move {
-                    backend.zero(piece_at, n, allocate).await.map(|()| n)
+                    backend
+                        .zero(piece_at, n, allocate)
+                        .await
+                        .map(|()| (piece_at, n))
                 }));
             } else {
                 let slice = data.slice(piece.start..piece.start + piece.len);
                 writes.push(Box::pin(async move {
-                    backend.write(piece_at, slice).await.map(|()| n)
+                    backend.write(piece_at, slice).await.map(|()| (piece_at, n))
                 }));
             }
         }
@@ -168,9 +173,12 @@ pub(crate) async fn put(
         tokio::select! {
             biased;
             Some(done) = writes.next(), if !writes.is_empty() => match done {
-                Ok(n) => {
+                Ok((at, n)) => {
+                    // Counted once the backend completed it, at its own offset: pieces
+                    // complete out of order, and a failed upload reports only what was
+                    // written.
                     in_flight -= n;
-                    op.progress(n)
+                    op.completed(at, n)
                 }
                 Err(e) => {
                     if failure.is_none() {

@@ -198,6 +198,7 @@ struct Counters {
 
 pub struct FaultProxy {
     listen: Address,
+    target: Arc<Mutex<Address>>,
     counters: Arc<Counters>,
     accept: Option<std::thread::JoinHandle<()>>,
     /// Streams of open connections, shut down when the proxy is dropped.
@@ -237,8 +238,9 @@ impl FaultProxy {
         .expect("nonblocking accept");
         let counters = Arc::new(Counters::default());
         let open: Arc<Mutex<Vec<Conn>>> = Arc::default();
+        let target = Arc::new(Mutex::new(target));
         let accept = {
-            let (counters, open) = (counters.clone(), open.clone());
+            let (counters, open, target) = (counters.clone(), open.clone(), target.clone());
             std::thread::spawn(move || {
                 while !counters.stop.load(Ordering::Relaxed) {
                     let client = match listener.accept() {
@@ -250,7 +252,8 @@ impl FaultProxy {
                         Err(_) => break,
                     };
                     let n = counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    let Ok(server) = Conn::connect(&target) else {
+                    let to = target.lock().unwrap().clone();
+                    let Ok(server) = Conn::connect(&to) else {
                         continue;
                     };
                     if let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) {
@@ -262,6 +265,7 @@ impl FaultProxy {
         };
         FaultProxy {
             listen,
+            target,
             counters,
             accept: Some(accept),
             open,
@@ -274,6 +278,12 @@ impl FaultProxy {
             Address::Tcp(addr) => addr.port(),
             Address::Unix(path) => panic!("the proxy listens on {}", path.display()),
         }
+    }
+
+    /// Sends connections accepted from now on to `target` (a server that moved, as behind a
+    /// load balancer).
+    pub fn set_target(&self, target: Address) {
+        *self.target.lock().unwrap() = target;
     }
 
     /// Connections accepted so far.
