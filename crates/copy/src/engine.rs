@@ -55,6 +55,8 @@ struct Shared {
     completed_bytes: AtomicU64,
     /// The workers are done: the checkpointer stops.
     finished: AtomicBool,
+    /// `--bwlimit`: data read from the source waits for it before each read is issued.
+    limit: Option<Arc<bwlimit::Limiter>>,
 }
 
 impl Shared {
@@ -124,7 +126,8 @@ pub async fn copy(
     cancel: Cancel,
 ) -> Result<Stats, CopyError> {
     let started = Instant::now();
-    let (src, dst, observer, resume) = (job.src, job.dst, job.observer, job.resume);
+    let (src, dst, observer, resume, limit) =
+        (job.src, job.dst, job.observer, job.resume, job.limit);
     // Resuming into what an earlier run wrote: the destination holds data, like the previous
     // copy of an incremental one.
     let resumed = resume.as_ref().is_some_and(|r| !r.done.is_empty());
@@ -209,6 +212,7 @@ pub async fn copy(
         completed_bytes: AtomicU64::new(0),
         resume,
         finished: AtomicBool::new(false),
+        limit,
     });
     let checkpointer = shared.resume.is_some().then(|| {
         let shared = shared.clone();
@@ -487,6 +491,21 @@ impl<'a> Worker<'a> {
                 Step::Read { offset, len } => {
                     if offset >= self.shared.end.load(Ordering::Relaxed) {
                         break;
+                    }
+                    if let Some(limit) = self.shared.limit.clone() {
+                        // Only data read counts: holes and zero extents are never read. A
+                        // stop does not wait for a slow limit.
+                        let cancel = self.shared.cancel.clone();
+                        self.drive(async move {
+                            tokio::select! {
+                                _ = limit.acquire(len) => {}
+                                _ = cancel.woken() => {}
+                            }
+                        })
+                        .await?;
+                        if self.shared.stopped() {
+                            return Ok(());
+                        }
                     }
                     let read = match self.reader.as_mut() {
                         Some(reader) => {

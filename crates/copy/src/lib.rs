@@ -212,6 +212,8 @@ pub struct Job {
     pub observer: Option<Arc<dyn SourceObserver>>,
     /// Record progress in a journal, skipping what it recorded before.
     pub resume: Option<Resume>,
+    /// A bandwidth limit on the data read from the source (each byte copied counts once).
+    pub limit: Option<Arc<bwlimit::Limiter>>,
 }
 
 /// A copy that keeps a journal: what an earlier run completed is not copied again, and
@@ -230,6 +232,7 @@ impl Job {
             dst,
             observer: None,
             resume: None,
+            limit: None,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::verify::{self, Verified};
 use crate::{Cancel, CopyError, CopyOptions, Job, Progress, Resume, SourceObserver, Stats};
 
 /// What the user asked for. `None` and zero mean "the endpoints' defaults".
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Largest read (else the source's default request size).
     pub src_request: Option<u64>,
@@ -44,6 +44,19 @@ pub struct Settings {
     /// Keep a resume journal here: what it records as done is not copied again, and it is
     /// removed when the copy completes.
     pub journal: Option<std::path::PathBuf>,
+    /// Bandwidth limit: data bytes read from the source per second, changeable while the copy
+    /// runs ([`bwlimit::Limiter::set_rate`]).
+    pub bwlimit: Option<RateLimit>,
+}
+
+/// A shared, live-adjustable limiter; settings compare equal when they share the same one.
+#[derive(Debug, Clone)]
+pub struct RateLimit(pub Arc<bwlimit::Limiter>);
+
+impl PartialEq for RateLimit {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for Settings {
@@ -66,6 +79,7 @@ impl Default for Settings {
             verify: false,
             blkhash: None,
             journal: None,
+            bwlimit: None,
         }
     }
 }
@@ -172,6 +186,7 @@ pub async fn run(
         job.observer = Some(Arc::new(HashObserver(hashers)));
     }
     job.resume = resume;
+    job.limit = settings.bwlimit.as_ref().map(|l| l.0.clone());
     let stats = crate::copy(job, options.clone(), progress, cancel).await?;
     let blkhash = match (blkhash_hasher, settings.blkhash) {
         (Some(h), _) => Some(verify::digest(

@@ -101,6 +101,17 @@ pub struct CopyArgs {
     /// copy completes, and refused when the source or the destination changed.
     #[arg(long, value_name = "FILE")]
     pub resume: Option<PathBuf>,
+    /// Bandwidth limit in bytes per second (100M, 1G; 0 or off: none). It counts the data read
+    /// from the source, each byte copied once (reads are the larger direction: zero blocks
+    /// found in data read are not written); holes and zero extents, which are not read, do not
+    /// count.
+    #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Take the bandwidth limit from FILE (one RATE, as --bwlimit takes it) at the start and
+    /// again on each SIGHUP, so it can change while the copy runs. Without the file at the
+    /// start, --bwlimit (or no limit) applies until a SIGHUP finds it.
+    #[arg(long, value_name = "FILE")]
+    pub bwlimit_file: Option<PathBuf>,
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
@@ -171,6 +182,60 @@ fn progress_target(arg: &Option<String>) -> Result<Option<ProgressOut>, Failure>
     }))
 }
 
+/// The copy's limiter: from `--bwlimit-file` when it exists, else `--bwlimit`. `None` when
+/// neither is given (the engine then never waits).
+fn bandwidth_limit(args: &CopyArgs) -> Result<Option<Arc<bwlimit::Limiter>>, Failure> {
+    let mut rate = args.bwlimit;
+    if let Some(path) = &args.bwlimit_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                rate = Some(bwlimit::parse_rate(&text).map_err(|e| {
+                    usage(format!("--bwlimit-file: {}: {e}", path.display()))
+                })?);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(usage(format!(
+                    "--bwlimit-file: reading {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    if rate.is_none() && args.bwlimit_file.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(bwlimit::Limiter::new(rate.unwrap_or(0))))
+}
+
+/// Re-reads `path` into `limiter` on every SIGHUP; a file that cannot be read or parsed
+/// leaves the limit as it was, with a warning.
+fn reload_on_sighup(
+    limiter: Arc<bwlimit::Limiter>,
+    path: PathBuf,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let rate = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| bwlimit::parse_rate(&text));
+            match rate {
+                Ok(rate) => {
+                    tracing::info!("bandwidth limit from {}: {rate} bytes/s", path.display());
+                    limiter.set_rate(rate);
+                }
+                Err(e) => tracing::warn!(
+                    "--bwlimit-file {}: {e}; the limit stays {} bytes/s",
+                    path.display(),
+                    limiter.rate()
+                ),
+            }
+        }
+    }))
+}
+
 pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     check_request_size("request-size", args.request_size)?;
     check_request_size("src-request-size", args.src_request_size)?;
@@ -217,6 +282,7 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         }
     }
     let dst_spec = spec(&args.destination)?;
+    let limiter = bandwidth_limit(&args)?;
 
     let open_opts = open_options(&args);
     let src_opened = open(&src_spec, Role::Source, &open_opts).await?;
@@ -248,6 +314,7 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
         verify: args.verify,
         blkhash: blkhash_spec,
         journal: args.resume.clone(),
+        bwlimit: limiter.clone().map(copy::settings::RateLimit),
     };
     if args.verbose {
         let (sc, dc) = (src.caps(), dst.caps());
@@ -304,6 +371,13 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
             cancel.cancel();
         })
     };
+    let limit_reloader = match (&limiter, &args.bwlimit_file) {
+        (Some(limiter), Some(path)) => Some(
+            reload_on_sighup(limiter.clone(), path.clone())
+                .context("installing the SIGHUP handler")?,
+        ),
+        _ => None,
+    };
     let result = copy::run(
         src.clone(),
         dst.clone(),
@@ -313,6 +387,9 @@ pub async fn run(args: CopyArgs) -> Result<(), Failure> {
     )
     .await;
     interrupt.abort();
+    if let Some(task) = limit_reloader {
+        task.abort();
+    }
     let _ = done_tx.send(result.is_ok());
     if let Some(r) = reporter {
         let _ = r.await;
