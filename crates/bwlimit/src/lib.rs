@@ -260,7 +260,10 @@ mod tests {
         }
         let small = small.await.unwrap();
         let ratio = big as f64 / small as f64;
-        assert!((0.85..1.15).contains(&ratio), "greedy {big}, modest {small}");
+        assert!(
+            (0.85..1.15).contains(&ratio),
+            "greedy {big}, modest {small}"
+        );
         let total = (big + small) as f64 / 10.0;
         assert!(total < 1.05 * (20 << 20) as f64, "total {total} B/s");
     }
@@ -272,9 +275,15 @@ mod tests {
         let fast = Flow::new(None, Some(global));
         let (a, b) = tokio::join!(run_for(slow, 1 << 20, 10), run_for(fast, 1 << 20, 10));
         let (a, b) = (a as f64 / 10.0, b as f64 / 10.0);
-        assert!((a - (5 << 20) as f64).abs() < 0.1 * (5 << 20) as f64, "slow {a}");
+        assert!(
+            (a - (5 << 20) as f64).abs() < 0.1 * (5 << 20) as f64,
+            "slow {a}"
+        );
         // What the slow flow does not use goes to the other one.
-        assert!((b - (25 << 20) as f64).abs() < 0.1 * (25 << 20) as f64, "fast {b}");
+        assert!(
+            (b - (25 << 20) as f64).abs() < 0.1 * (25 << 20) as f64,
+            "fast {b}"
+        );
     }
 
     #[test]

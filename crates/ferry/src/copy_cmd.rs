@@ -189,9 +189,10 @@ fn bandwidth_limit(args: &CopyArgs) -> Result<Option<Arc<bwlimit::Limiter>>, Fai
     if let Some(path) = &args.bwlimit_file {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                rate = Some(bwlimit::parse_rate(&text).map_err(|e| {
-                    usage(format!("--bwlimit-file: {}: {e}", path.display()))
-                })?);
+                rate = Some(
+                    bwlimit::parse_rate(&text)
+                        .map_err(|e| usage(format!("--bwlimit-file: {}: {e}", path.display())))?,
+                );
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {

@@ -66,6 +66,27 @@ pub struct ServeArgs {
     /// "nbd_socket": PATH, "nbd_listen": ADDR} here.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
+    /// Bandwidth limit of all transfers together, bytes per second (100M, 1G; 0: none),
+    /// shared in equal parts between the transfers running. Counts image data sent and
+    /// received (GET and PUT bodies).
+    #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Bandwidth limit of each ticket's transfers, bytes per second, unless its ticket
+    /// document sets its own ("bwlimit": bytes per second).
+    #[arg(long, value_name = "RATE", value_parser = bwlimit::parse_rate)]
+    pub ticket_bwlimit: Option<u64>,
+}
+
+/// The data service's bandwidth limits: flags, else the file.
+fn limits(args: &ServeArgs, file: &FileConfig) -> Result<server::store::Limits, Failure> {
+    let rate = |flag: Option<u64>, key: &Option<server::config::Rate>| match flag {
+        Some(r) => Ok(r),
+        None => key.as_ref().map_or(Ok(0), |r| r.bytes()).map_err(usage),
+    };
+    Ok(server::store::Limits::new(
+        rate(args.bwlimit, &file.bwlimit)?,
+        rate(args.ticket_bwlimit, &file.ticket_bwlimit)?,
+    ))
 }
 
 /// What `ferry serve` starts from besides the server configuration.
@@ -76,11 +97,12 @@ struct Start {
 }
 
 /// Flags and file merged into a server configuration and what it starts with.
-fn plan(args: ServeArgs) -> Result<(ServerConfig, Start), Failure> {
+fn plan(args: ServeArgs) -> Result<(ServerConfig, server::store::Limits, Start), Failure> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path).map_err(usage)?,
         None => FileConfig::default(),
     };
+    let limits = limits(&args, &file)?;
     let mut cfg = ServerConfig::default();
     if let Some(l) = args.listen.or(file.listen) {
         cfg.listen = l;
@@ -130,15 +152,17 @@ fn plan(args: ServeArgs) -> Result<(ServerConfig, Start), Failure> {
         ticket_store: args.ticket_store.or(file.ticket_store),
         ready_file: args.ready_file.or(file.ready_file),
     };
-    Ok((cfg, start))
+    Ok((cfg, limits, start))
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), Failure> {
-    let (cfg, start) = plan(args)?;
+    let (cfg, limits, start) = plan(args)?;
     let ready_file = start.ready_file;
     let store = Arc::new(match &start.ticket_store {
-        Some(dir) => TicketStore::persistent(dir).context("opening the ticket store")?,
-        None => TicketStore::new(),
+        Some(dir) => {
+            TicketStore::persistent_with_limits(dir, limits).context("opening the ticket store")?
+        }
+        None => TicketStore::with_limits(limits),
     });
     for path in &start.tickets {
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -124,5 +124,8 @@ fn bad_bwlimit_values_are_usage_errors() {
     ])
     .run();
     let err = out.expect_code(2).to_string();
-    assert!(err.contains("--bwlimit-file") && err.contains("100M"), "{err}");
+    assert!(
+        err.contains("--bwlimit-file") && err.contains("100M"),
+        "{err}"
+    );
 }

@@ -15,6 +15,8 @@
 //! reap_grace = 600        # seconds after expiry before a ticket is removed
 //! buffer_size = 4194304   # bytes per backend request
 //! queue_depth = 4         # backend requests in flight per HTTP request
+//! bwlimit = "1G"          # bytes per second for all transfers together, in equal shares
+//! ticket_bwlimit = "100M" # bytes per second for each ticket without its own "bwlimit"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,6 +43,25 @@ pub struct FileConfig {
     pub reap_interval: Option<f64>,
     pub buffer_size: Option<u64>,
     pub queue_depth: Option<usize>,
+    pub bwlimit: Option<Rate>,
+    pub ticket_bwlimit: Option<Rate>,
+}
+
+/// A rate in the file: bytes per second as an integer, or text like `"100M"`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Rate {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Rate {
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Rate::Bytes(n) => Ok(*n),
+            Rate::Text(t) => bwlimit::parse_rate(t),
+        }
+    }
 }
 
 /// A configuration file that cannot be used: what is wrong, and where.
@@ -85,6 +106,14 @@ impl FileConfig {
         {
             return Err("buffer_size: expecting 4096 to 67108864 bytes".into());
         }
+        for (name, rate) in [
+            ("bwlimit", &cfg.bwlimit),
+            ("ticket_bwlimit", &cfg.ticket_bwlimit),
+        ] {
+            if let Some(Err(e)) = rate.as_ref().map(Rate::bytes) {
+                return Err(format!("{name}: {e}").into());
+            }
+        }
         if cfg.queue_depth.is_some_and(|d| !(1..=64).contains(&d)) {
             return Err("queue_depth: expecting 1 to 64".into());
         }
@@ -108,5 +137,9 @@ mod tests {
         assert!(FileConfig::parse("lisen = 1").is_err());
         assert!(FileConfig::parse("auth_timeout = -1").is_err());
         assert!(FileConfig::parse("queue_depth = 0").is_err());
+        let c = FileConfig::parse("bwlimit = \"1G\"\nticket_bwlimit = 1048576\n").unwrap();
+        assert_eq!(c.bwlimit.unwrap().bytes(), Ok(1 << 30));
+        assert_eq!(c.ticket_bwlimit.unwrap().bytes(), Ok(1 << 20));
+        assert!(FileConfig::parse("bwlimit = \"fast\"").is_err());
     }
 }

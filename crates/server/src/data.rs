@@ -444,13 +444,20 @@ fn download(
     tuning: Tuning,
 ) -> Body {
     let ticket = op.ticket().clone();
+    let flow = ticket.flow.clone();
     let chunk = tuning.chunk.min(backend.max_request()).max(1);
     let pieces = split(offset, length, chunk);
     let reads = futures_util::stream::iter(pieces)
         .map(move |(off, len)| {
             let backend = backend.clone();
             let ticket = ticket.clone();
+            let flow = flow.clone();
             async move {
+                // Bytes are counted before they are read: the backend is paced too.
+                tokio::select! {
+                    _ = flow.acquire(len) => {}
+                    _ = ticket.cancelled() => {}
+                }
                 if ticket.is_canceled() {
                     return Err(format!("Transfer={} was canceled", ticket.label()).into());
                 }

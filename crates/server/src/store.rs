@@ -41,6 +41,7 @@ pub struct TicketStore {
     tickets: Mutex<HashMap<String, Arc<Ticket>>>,
     /// Where ticket documents are kept across restarts, if anywhere.
     persist: Option<PathBuf>,
+    limits: Limits,
 }
 
 /// A ticket store directory that could not be read or written.
@@ -51,6 +52,34 @@ pub struct StoreError {
     pub what: &'static str,
     #[source]
     pub source: std::io::Error,
+}
+
+/// Bandwidth limits of the data service, bytes per second (0: none).
+#[derive(Debug, Default, Clone)]
+pub struct Limits {
+    /// Shared by every transfer, in equal shares ([`bwlimit::Flow`]).
+    pub global: Option<Arc<bwlimit::Limiter>>,
+    /// Each ticket's own limit when its document has no `bwlimit`.
+    pub per_ticket: u64,
+}
+
+impl Limits {
+    /// `global` for all transfers together, `per_ticket` for each one (0: none).
+    pub fn new(global: u64, per_ticket: u64) -> Limits {
+        Limits {
+            global: (global > 0).then(|| bwlimit::Limiter::new(global)),
+            per_ticket,
+        }
+    }
+
+    /// The limits one ticket's transfers move under.
+    fn flow(&self, spec: &TicketSpec) -> bwlimit::Flow {
+        let own = spec.bwlimit.unwrap_or(self.per_ticket);
+        bwlimit::Flow::new(
+            (own > 0).then(|| bwlimit::Limiter::new(own)),
+            self.global.clone(),
+        )
+    }
 }
 
 /// A ticket whose operations outlived the deadline of its removal: it stays, cancelled.
@@ -70,6 +99,11 @@ impl TicketStore {
     /// previous server left there installed again. Documents that no longer parse are
     /// skipped with a warning, not fatal: one bad file must not keep the others from serving.
     pub fn persistent(dir: &Path) -> Result<TicketStore, StoreError> {
+        Self::persistent_with_limits(dir, Limits::default())
+    }
+
+    /// [`TicketStore::persistent`], its tickets' transfers moving under `limits`.
+    pub fn persistent_with_limits(dir: &Path, limits: Limits) -> Result<TicketStore, StoreError> {
         let err = |what, source| StoreError {
             path: dir.to_path_buf(),
             what,
@@ -79,6 +113,7 @@ impl TicketStore {
         let store = TicketStore {
             tickets: Mutex::default(),
             persist: Some(dir.to_path_buf()),
+            limits,
         };
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| err("listing it", e))?
@@ -146,6 +181,14 @@ impl TicketStore {
         Ok(self.add(spec))
     }
 
+    /// A store whose tickets' transfers move under `limits`.
+    pub fn with_limits(limits: Limits) -> Self {
+        TicketStore {
+            limits,
+            ..Self::default()
+        }
+    }
+
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Ticket>>> {
         self.tickets.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -159,7 +202,8 @@ impl TicketStore {
     }
 
     fn insert(&self, spec: TicketSpec) -> Arc<Ticket> {
-        let ticket = Arc::new(Ticket::new(spec));
+        let flow = self.limits.flow(&spec);
+        let ticket = Arc::new(Ticket::new(spec, flow));
         let old = self.map().insert(ticket.id().to_owned(), ticket.clone());
         if let Some(old) = old {
             old.cancel();
@@ -272,10 +316,12 @@ pub struct Ticket {
     /// The backend the ticket's connections share, opened on first use and closed when the
     /// last connection lets go.
     backend: tokio::sync::Mutex<Option<Arc<Backend>>>,
+    /// The bandwidth limits its downloads and uploads wait for, shared by its connections.
+    pub flow: bwlimit::Flow,
 }
 
 impl Ticket {
-    fn new(spec: TicketSpec) -> Ticket {
+    fn new(spec: TicketSpec, flow: bwlimit::Flow) -> Ticket {
         let expires = monotonic_now() + spec.timeout as f64;
         Ticket {
             spec,
@@ -292,6 +338,7 @@ impl Ticket {
             cancel_notify: Notify::new(),
             idle_notify: Notify::new(),
             backend: tokio::sync::Mutex::new(None),
+            flow,
         }
     }
 

@@ -58,6 +58,9 @@ pub struct TicketSpec {
     pub dirty: bool,
     /// The document as the control API received it: what a persistent store keeps.
     pub document: Arc<[u8]>,
+    /// ferry's addition: this transfer's bandwidth limit in bytes per second (0: none),
+    /// instead of the server's per-ticket default.
+    pub bwlimit: Option<u64>,
 }
 
 impl TicketSpec {
@@ -118,6 +121,7 @@ impl TicketSpec {
             sparse: optional(map, "sparse", as_bool)?.unwrap_or(false),
             dirty: optional(map, "dirty", as_bool)?.unwrap_or(false),
             document: Arc::from(&[][..]),
+            bwlimit: optional(map, "bwlimit", as_uint)?,
         })
     }
 

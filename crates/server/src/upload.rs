@@ -133,6 +133,9 @@ pub(crate) async fn put(
     let mut received: u64 = 0;
     let mut failure: Option<HttpError> = None;
     let mut body_done = false;
+    // Bytes of the last frame waiting for the ticket's bandwidth limit: no more of the body is
+    // read until they are granted, so the client is slowed by TCP's own flow control.
+    let mut throttle: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = None;
 
     // Zero blocks in the body are zeroed rather than written where that is cheaper or wanted:
     // clients that stream whole data runs (imageio's own client) send the zeroes inside them
@@ -187,13 +190,17 @@ pub(crate) async fn put(
                     body_done = true;
                 }
             },
+            _ = async { throttle.as_mut().expect("checked").await }, if throttle.is_some() => {
+                throttle = None;
+            }
             _ = ticket.cancelled(), if !body_done => {
                 failure = Some(HttpError::forbidden(&crate::store::Forbidden(format!(
                     "Transfer={} was canceled", ticket.label()))));
                 body_done = true;
             }
             frame = tokio::time::timeout(ctx.timeout(), body.frame()),
-                if !body_done && in_flight < depth as u64 * chunk && writes.len() < MAX_WRITES =>
+                if !body_done && throttle.is_none() && in_flight < depth as u64 * chunk
+                    && writes.len() < MAX_WRITES =>
             {
                 let data = match frame {
                     Err(_) => {
@@ -231,6 +238,9 @@ pub(crate) async fn put(
                     },
                 };
                 received += data.len() as u64;
+                let flow = ticket.flow.clone();
+                let n = data.len() as u64;
+                throttle = Some(Box::pin(async move { flow.acquire(n).await }));
                 if offset + received > limit {
                     failure = Some(HttpError::range(
                         "Requested range out of allowed range", Some(&available)).closing());
