@@ -216,12 +216,17 @@ pub async fn copy(
     });
     let checkpointer = shared.resume.is_some().then(|| {
         let shared = shared.clone();
-        tokio::spawn(async move { checkpoints(&shared).await })
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            checkpoints(&shared).await
+        }))
     });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let shared = shared.clone();
-        tasks.spawn(async move { Worker::new(&shared).run().await });
+        // Workers log in the copy's span (its endpoints), like the caller.
+        tasks.spawn(tracing::Instrument::in_current_span(async move {
+            Worker::new(&shared).run().await
+        }));
     }
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {

@@ -238,6 +238,12 @@ fn reload_on_sighup(
 }
 
 pub async fn run(args: CopyArgs) -> Result<(), Failure> {
+    // Every line the copy logs names its endpoints; the engine's tasks inherit the span.
+    let span = tracing::info_span!("copy", src = %args.source, dst = %args.destination);
+    tracing::Instrument::instrument(copy(args), span).await
+}
+
+async fn copy(args: CopyArgs) -> Result<(), Failure> {
     check_request_size("request-size", args.request_size)?;
     check_request_size("src-request-size", args.src_request_size)?;
     check_request_size("dst-request-size", args.dst_request_size)?;

@@ -10,6 +10,7 @@ mod demo;
 mod endpoint;
 mod info;
 mod interrupt;
+mod logging;
 mod map;
 mod nbd_server_cmd;
 mod serve_cmd;
@@ -32,6 +33,10 @@ pub const EXIT_USAGE: u8 = 2;
     after_help = "Exit status: 0 success, 1 operation failed, 2 usage error."
 )]
 struct Cli {
+    /// How log lines on stderr look: `text` (coloured only on a terminal, never with
+    /// NO_COLOR) or `json` (one object a line). RUST_LOG sets the levels (default warn).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,13 +89,7 @@ pub fn usage(msg: impl std::fmt::Display) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(endpoints::extract_commands(std::env::args_os().collect()));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Copy(args) = &cli.command
         && args.threads > 0

@@ -42,7 +42,8 @@ impl RunWriter {
         let abandoned = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel::<PutRun>();
         let stop = abandoned.clone();
-        tokio::spawn(async move {
+        // Runs are sent in the span of the copy that created the stream.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             while let Some(run) = rx.recv().await {
                 let len: u64 = run.pieces.iter().map(|p| p.len() as u64).sum();
                 let result = if stop.load(Ordering::Relaxed) {
@@ -57,7 +58,7 @@ impl RunWriter {
                 }
                 let _ = run.done.send(result);
             }
-        });
+        }));
         RunWriter {
             runs: tx,
             abandoned,
@@ -144,11 +145,11 @@ impl RunReader {
     pub(crate) fn new(shared: Arc<Shared>) -> RunReader {
         let fail = Fail::new(&shared.name, Op::Read);
         let (tx, mut rx) = mpsc::unbounded_channel::<GetRun>();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             while let Some(run) = rx.recv().await {
                 get_run(&shared, run.offset, run.len, run.whole, run.wants).await;
             }
-        });
+        }));
         RunReader {
             runs: tx,
             current: None,

@@ -91,6 +91,14 @@ impl ConnCtx {
         self.timeout_ms.store(ms.max(1), Ordering::Relaxed);
     }
 
+    /// Ids of the tickets this connection is bound to, sorted.
+    pub fn bound_tickets(&self) -> Vec<String> {
+        let map = self.bindings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<String> = map.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     fn unbind_all(&self) {
         self.bindings
             .lock()
@@ -148,6 +156,8 @@ where
         .max_buf_size(READ_BUFFER.max(MAX_HEAD))
         .serve_connection(TokioIo::new(timed), svc)
         .await;
+    // The tickets the connection served, so its last line belongs to their transfers.
+    let ticket = ctx.bound_tickets().join(",");
     ctx.unbind_all();
     let elapsed = started.elapsed().as_secs_f64();
     let bytes_in = ctx.bytes_in.load(Ordering::Relaxed);
@@ -156,12 +166,12 @@ where
     let requests = ctx.requests.load(Ordering::Relaxed);
     match result {
         Ok(()) => tracing::info!(
-            conn = ctx.id, service = ctx.service, peer = %ctx.peer, requests, bytes_in,
+            conn = ctx.id, ticket, service = ctx.service, peer = %ctx.peer, requests, bytes_in,
             bytes_out, seconds = elapsed, in_mib_s = mib_s(bytes_in), out_mib_s = mib_s(bytes_out),
             "connection closed"
         ),
         Err(e) => tracing::info!(
-            conn = ctx.id, service = ctx.service, peer = %ctx.peer, requests, bytes_in,
+            conn = ctx.id, ticket, service = ctx.service, peer = %ctx.peer, requests, bytes_in,
             bytes_out, seconds = elapsed, error = %e, "connection ended with an error"
         ),
     }

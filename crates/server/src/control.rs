@@ -31,15 +31,25 @@ impl Handler for ControlApi {
         req: Request<Incoming>,
         ctx: Arc<ConnCtx>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
-        Box::pin(async move {
-            match self.dispatch(req, &ctx).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::info!(conn = ctx.id, status = e.status.as_u16(), "{}", e.message);
-                    e.into_response()
+        let ticket = req
+            .uri()
+            .path()
+            .strip_prefix("/tickets/")
+            .map(crate::request::decode)
+            .unwrap_or_default();
+        let span = tracing::info_span!("control", ticket = %ticket, conn = ctx.id);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                match self.dispatch(req, &ctx).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::info!(status = e.status.as_u16(), "{}", e.message);
+                        e.into_response()
+                    }
                 }
-            }
-        })
+            },
+            span,
+        ))
     }
 }
 

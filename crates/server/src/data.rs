@@ -111,31 +111,57 @@ impl Handler for DataApi {
         req: Request<Incoming>,
         ctx: Arc<ConnCtx>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>> {
-        Box::pin(async move {
-            let mut close = false;
-            // CORS headers go on every answer of the resources browsers use, errors included.
-            let cors_methods = cors_methods(req.method(), req.uri().path());
-            let cors_request = cors_methods.map(|_| cors_headers(req.headers()));
-            let result = self.dispatch(req, &ctx, &mut close).await;
-            let mut resp = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    if e.status.is_server_error() {
-                        tracing::warn!(conn = ctx.id, status = e.status.as_u16(), "{}", e.message);
-                    } else {
-                        tracing::info!(conn = ctx.id, status = e.status.as_u16(), "{}", e.message);
+        // Every line logged for a request on a ticket names it, whatever logs it.
+        let ticket = match route(req.uri().path()) {
+            Route::Image(id) | Route::Extents(id) | Route::Checksum(id) => {
+                Some(crate::request::decode(id))
+            }
+            _ => None,
+        };
+        let span = match &ticket {
+            Some(t) => {
+                tracing::info_span!("transfer", ticket = %t, conn = ctx.id, peer = %ctx.peer)
+            }
+            None => tracing::info_span!("request", conn = ctx.id, peer = %ctx.peer),
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let mut close = false;
+                // CORS headers go on every answer of the resources browsers use, errors included.
+                let cors_methods = cors_methods(req.method(), req.uri().path());
+                let cors_request = cors_methods.map(|_| cors_headers(req.headers()));
+                let result = self.dispatch(req, &ctx, &mut close).await;
+                let mut resp = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if e.status.is_server_error() {
+                            tracing::warn!(
+                                conn = ctx.id,
+                                status = e.status.as_u16(),
+                                "{}",
+                                e.message
+                            );
+                        } else {
+                            tracing::info!(
+                                conn = ctx.id,
+                                status = e.status.as_u16(),
+                                "{}",
+                                e.message
+                            );
+                        }
+                        e.into_response()
                     }
-                    e.into_response()
+                };
+                if close {
+                    close_after(&mut resp);
                 }
-            };
-            if close {
-                close_after(&mut resp);
-            }
-            if let (Some(methods), Some(h)) = (cors_methods, cors_request) {
-                cors(&h, resp.headers_mut(), methods);
-            }
-            resp
-        })
+                if let (Some(methods), Some(h)) = (cors_methods, cors_request) {
+                    cors(&h, resp.headers_mut(), methods);
+                }
+                resp
+            },
+            span,
+        ))
     }
 }
 
@@ -447,31 +473,40 @@ fn download(
     let flow = ticket.flow.clone();
     let chunk = tuning.chunk.min(backend.max_request()).max(1);
     let pieces = split(offset, length, chunk);
+    // The body is polled by the connection after the handler returned: its reads log in the
+    // request's span explicitly.
+    let span = tracing::Span::current();
+    let read_span = span.clone();
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
     let reads = futures_util::stream::iter(pieces)
         .map(move |(off, len)| {
             let backend = backend.clone();
             let ticket = ticket.clone();
             let flow = flow.clone();
-            async move {
-                // Bytes are counted before they are read: the backend is paced too.
-                tokio::select! {
-                    _ = flow.acquire(len) => {}
-                    _ = ticket.cancelled() => {}
-                }
-                if ticket.is_canceled() {
-                    return Err(format!("Transfer={} was canceled", ticket.label()).into());
-                }
-                let data = backend.read(off, len).await.map_err(|e| {
-                    tracing::error!("download failed: {e}");
-                    Box::new(e) as BoxError
-                })?;
-                if data.len() as u64 != len {
-                    return Err(
-                        format!("short read at offset {off}: {} of {len}", data.len()).into(),
-                    );
-                }
-                Ok::<Bytes, BoxError>(data)
-            }
+            tracing::Instrument::instrument(
+                async move {
+                    // Bytes are counted before they are read: the backend is paced too.
+                    tokio::select! {
+                        _ = flow.acquire(len) => {}
+                        _ = ticket.cancelled() => {}
+                    }
+                    if ticket.is_canceled() {
+                        return Err(format!("Transfer={} was canceled", ticket.label()).into());
+                    }
+                    let data = backend.read(off, len).await.map_err(|e| {
+                        tracing::error!("download failed: {e}");
+                        Box::new(e) as BoxError
+                    })?;
+                    if data.len() as u64 != len {
+                        return Err(
+                            format!("short read at offset {off}: {} of {len}", data.len()).into(),
+                        );
+                    }
+                    Ok::<Bytes, BoxError>(data)
+                },
+                read_span.clone(),
+            )
         })
         .buffered(tuning.depth.max(1))
         .map(move |r| {
@@ -479,6 +514,17 @@ fn download(
             let _ = &busy;
             r.map(|data| {
                 op.progress(data.len() as u64);
+                sent += data.len() as u64;
+                if sent == length {
+                    span.in_scope(|| {
+                        tracing::info!(
+                            offset,
+                            length,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "download done"
+                        );
+                    });
+                }
                 Frame::data(data)
             })
         });

@@ -118,6 +118,7 @@ pub(crate) async fn put(
         None => available,
     };
     let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
+    let started = std::time::Instant::now();
 
     let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
     // Bytes received but not yet written, whatever their requests' sizes.
@@ -301,6 +302,13 @@ pub(crate) async fn put(
         backend.ep.flush().await?;
     }
     drop(op);
+    tracing::info!(
+        offset,
+        length = received,
+        flush,
+        seconds = started.elapsed().as_secs_f64(),
+        "upload done"
+    );
     Ok(empty(StatusCode::OK))
 }
 
