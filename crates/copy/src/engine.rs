@@ -47,6 +47,9 @@ struct Shared {
     written: AtomicU64,
     zeroed: AtomicU64,
     skipped: AtomicU64,
+    /// Source reads and destination requests (writes and zeroes) completed.
+    read_requests: AtomicU64,
+    write_requests: AtomicU64,
     /// Resuming: what an earlier run completed (not copied again), and where progress goes.
     resume: Option<Resume>,
     /// Ranges complete on the destination (acknowledged, or needing no work), for the journal.
@@ -208,6 +211,8 @@ pub async fn copy(
         written: AtomicU64::new(0),
         zeroed: AtomicU64::new(0),
         skipped: AtomicU64::new(0),
+        read_requests: AtomicU64::new(0),
+        write_requests: AtomicU64::new(0),
         completed: Mutex::new(resume.as_ref().map(|r| r.done.clone()).unwrap_or_default()),
         completed_bytes: AtomicU64::new(0),
         resume,
@@ -261,6 +266,7 @@ pub async fn copy(
         shared.progress.set_size(size.max(1));
     }
     if shared.opts.flush || shared.resume.is_some() {
+        shared.progress.set_phase(crate::progress::Phase::Flush);
         shared.dst.flush().await?;
     }
     if let Some(resume) = &shared.resume {
@@ -272,6 +278,8 @@ pub async fn copy(
         bytes_written: shared.written.load(Ordering::Relaxed),
         bytes_zeroed: shared.zeroed.load(Ordering::Relaxed),
         bytes_skipped: shared.skipped.load(Ordering::Relaxed),
+        read_requests: shared.read_requests.load(Ordering::Relaxed),
+        write_requests: shared.write_requests.load(Ordering::Relaxed),
         workers,
         destination_zero: how,
         elapsed: started.elapsed(),
@@ -608,6 +616,7 @@ impl<'a> Worker<'a> {
                 shared.complete(start, end);
                 shared.written.fetch_add(done.written, Ordering::Relaxed);
                 shared.zeroed.fetch_add(done.zeroed, Ordering::Relaxed);
+                shared.write_requests.fetch_add(1, Ordering::Relaxed);
                 shared.progress.add(done.written + done.zeroed);
                 Ok(())
             }
@@ -636,6 +645,7 @@ impl<'a> Worker<'a> {
         }
         let got = data.len() as u64;
         self.shared.read.fetch_add(got, Ordering::Relaxed);
+        self.shared.read_requests.fetch_add(1, Ordering::Relaxed);
         if got < len {
             if self.src.caps().size.is_some() {
                 return Err(DiskError::new(

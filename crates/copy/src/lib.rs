@@ -101,6 +101,10 @@ pub struct Stats {
     pub bytes_zeroed: u64,
     /// Zero bytes that needed no work because the destination already read as zero.
     pub bytes_skipped: u64,
+    /// Source reads that returned data.
+    pub read_requests: u64,
+    /// Destination requests (writes and zeroes) acknowledged.
+    pub write_requests: u64,
     pub workers: usize,
     pub destination_zero: DestinationZero,
     pub elapsed: Duration,

@@ -1,10 +1,45 @@
 //! Progress of a copy, counted when work *completes* (a write or zero acknowledged, a zero run
 //! skipped), never when it is dispatched. Reporters render it as a terminal bar with bytes, rate
 //! and ETA, as nbdcopy's `N/100` lines on a file descriptor, or as JSON lines.
+//!
+//! A copy goes through phases — `copy`, `flush` (the final destination flush), `verify`, then
+//! `done` — and the time spent in each is kept for the final summary (`--stats-json`).
+//!
+//! The JSON line, one a second and a last one when the copy succeeded (keys in this order;
+//! the first three never change meaning):
+//!
+//! ```json
+//! {"transferred":1048576,"size":4194304,"elapsed":0.512,"phase":"copy","percent":25,
+//!  "rate":2048000.0,"eta":1.536,"retries":0}
+//! ```
+//!
+//! `size` and `eta` are null while unknown; `rate` is the average in bytes per second since the
+//! start; `retries` counts requests sent again after a retryable failure.
 
 use std::io::Write;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// What a copy is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Copy,
+    Flush,
+    Verify,
+    Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Copy => "copy",
+            Phase::Flush => "flush",
+            Phase::Verify => "verify",
+            Phase::Done => "done",
+        }
+    }
+}
 
 /// Shared counters; the engine adds, reporters read.
 #[derive(Debug)]
@@ -13,15 +48,54 @@ pub struct Progress {
     /// Total bytes, once known (0 until then for streams).
     size: AtomicU64,
     started: Instant,
+    /// Phases entered so far and when, oldest first.
+    phases: Mutex<Vec<(Phase, Instant)>>,
+    /// The process's retry count when the copy started.
+    retries_before: u64,
 }
 
 impl Progress {
     pub fn new(size: Option<u64>) -> Self {
+        let started = Instant::now();
         Progress {
             done: AtomicU64::new(0),
             size: AtomicU64::new(size.unwrap_or(0)),
-            started: Instant::now(),
+            started,
+            phases: Mutex::new(vec![(Phase::Copy, started)]),
+            retries_before: disk::retry::retries_total(),
         }
+    }
+
+    /// Enters `phase` (the previous one ends now).
+    pub fn set_phase(&self, phase: Phase) {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        if phases.last().is_none_or(|(p, _)| *p != phase) {
+            phases.push((phase, Instant::now()));
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        let phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        phases.last().map_or(Phase::Copy, |(p, _)| *p)
+    }
+
+    /// Time spent in `phase` so far (zero if never entered).
+    pub fn phase_time(&self, phase: Phase) -> Duration {
+        let phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut total = Duration::ZERO;
+        for (i, (p, at)) in phases.iter().enumerate() {
+            if *p == phase {
+                let end = phases.get(i + 1).map_or(now, |(_, next)| *next);
+                total += end.saturating_duration_since(*at);
+            }
+        }
+        total
+    }
+
+    /// Requests sent again since the copy started.
+    pub fn retries(&self) -> u64 {
+        disk::retry::retries_total().saturating_sub(self.retries_before)
     }
 
     pub fn add(&self, bytes: u64) {
@@ -63,7 +137,7 @@ pub enum Style {
     Bar,
     /// `N/100` lines, as nbdcopy's `--progress=FD`.
     Percent,
-    /// JSON lines `{"transferred":…,"size":…,"elapsed":…}`.
+    /// JSON lines `{"transferred":…,"size":…,"elapsed":…,"phase":…,…}` (see the module doc).
     Json,
 }
 
@@ -73,10 +147,28 @@ pub fn render(p: &Progress, style: Style, final_line: bool) -> String {
     let elapsed = p.elapsed().as_secs_f64();
     match style {
         Style::Percent => format!("{}/100", if final_line { 100 } else { p.percent() }),
-        Style::Json => format!(
-            "{{\"transferred\":{done},\"size\":{},\"elapsed\":{elapsed:.3}}}",
-            p.size().map_or("null".to_string(), |s| s.to_string())
-        ),
+        Style::Json => {
+            let rate = if elapsed > 0.0 {
+                done as f64 / elapsed
+            } else {
+                0.0
+            };
+            let eta = match p.size() {
+                _ if final_line => "0".to_string(),
+                Some(size) if rate > 0.0 && p.phase() == Phase::Copy => {
+                    format!("{:.3}", size.saturating_sub(done) as f64 / rate)
+                }
+                _ => "null".to_string(),
+            };
+            format!(
+                "{{\"transferred\":{done},\"size\":{},\"elapsed\":{elapsed:.3},\"phase\":\"{}\",\
+                 \"percent\":{},\"rate\":{rate:.1},\"eta\":{eta},\"retries\":{}}}",
+                p.size().map_or("null".to_string(), |s| s.to_string()),
+                p.phase().name(),
+                if final_line { 100 } else { p.percent() },
+                p.retries(),
+            )
+        }
         Style::Bar => {
             const CELLS: u64 = 30;
             let pct = if final_line { 100 } else { p.percent() };
@@ -177,5 +269,34 @@ mod tests {
         assert!(!last.contains("/s/s"), "{last}");
         let unknown = Progress::new(None);
         assert!(render(&unknown, Style::Json, false).contains("\"size\":null"));
+    }
+
+    #[test]
+    fn json_lines_carry_phase_rate_eta_and_retries() {
+        let p = Progress::new(Some(1000));
+        p.add(500);
+        std::thread::sleep(Duration::from_millis(20));
+        let v: serde_json::Value = serde_json::from_str(&render(&p, Style::Json, false)).unwrap();
+        assert_eq!(v["transferred"], 500);
+        assert_eq!(v["size"], 1000);
+        assert_eq!(v["phase"], "copy");
+        assert_eq!(v["percent"], 50);
+        assert_eq!(v["retries"], 0);
+        let rate = v["rate"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate < 500.0 / 0.019, "{v}");
+        let eta = v["eta"].as_f64().unwrap();
+        assert!((eta - 500.0 / rate).abs() < 0.01, "{v}");
+        p.set_phase(Phase::Verify);
+        let v: serde_json::Value = serde_json::from_str(&render(&p, Style::Json, false)).unwrap();
+        assert_eq!(v["phase"], "verify");
+        assert!(v["eta"].is_null(), "{v}");
+        p.set_phase(Phase::Done);
+        let v: serde_json::Value = serde_json::from_str(&render(&p, Style::Json, true)).unwrap();
+        assert_eq!(
+            (v["phase"].as_str(), v["percent"].as_u64()),
+            (Some("done"), Some(100))
+        );
+        assert!(p.phase_time(Phase::Copy) >= Duration::from_millis(20));
+        assert_eq!(p.phase_time(Phase::Flush), Duration::ZERO);
     }
 }

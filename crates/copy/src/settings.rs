@@ -187,7 +187,7 @@ pub async fn run(
     }
     job.resume = resume;
     job.limit = settings.bwlimit.as_ref().map(|l| l.0.clone());
-    let stats = crate::copy(job, options.clone(), progress, cancel).await?;
+    let stats = crate::copy(job, options.clone(), progress.clone(), cancel).await?;
     let blkhash = match (blkhash_hasher, settings.blkhash) {
         (Some(h), _) => Some(verify::digest(
             &h,
@@ -201,10 +201,12 @@ pub async fn run(
         (None, None) => None,
     };
     let verified = if settings.verify {
+        progress.set_phase(crate::progress::Phase::Verify);
         Some(verify::verify(&src, &dst, stats.size, verify_hasher.as_deref()).await?)
     } else {
         None
     };
+    progress.set_phase(crate::progress::Phase::Done);
     Ok(Report {
         options,
         stats,

@@ -5,6 +5,7 @@
 //! Endpoints own their retries because only they know what sending again means (an HTTP run
 //! keeps its pieces; an NBD request is resent on a new connection); the rule is this one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -52,6 +53,15 @@ impl RetryPolicy {
     }
 }
 
+/// Retries made by every request of this process so far. Progress reports and copy summaries
+/// show it; one process-wide count needs no plumbing through each endpoint's constructor.
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Retries made so far in this process, by all endpoints.
+pub fn retries_total() -> u64 {
+    RETRIES.load(Ordering::Relaxed)
+}
+
 /// The retry state of one request.
 #[derive(Debug)]
 pub struct Backoff {
@@ -81,6 +91,7 @@ impl Backoff {
             return false;
         }
         self.attempt += 1;
+        RETRIES.fetch_add(1, Ordering::Relaxed);
         let base = RetryPolicy::delay(self.attempt);
         let wait = (base + jitter(base / 2)).min(left);
         tracing::warn!(

@@ -112,6 +112,10 @@ pub struct CopyArgs {
     /// start, --bwlimit (or no limit) applies until a SIGHUP finds it.
     #[arg(long, value_name = "FILE")]
     pub bwlimit_file: Option<PathBuf>,
+    /// When the copy ends, write a JSON summary to FILE: bytes by kind, requests, retries,
+    /// seconds per phase and rates (schema in the README).
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
     #[command(flatten)]
     pub nbd: NbdArgs,
     #[command(flatten)]
@@ -406,9 +410,19 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
     } else {
         (src.abort().await, dst.abort().await)
     };
-    let report = result.map_err(anyhow::Error::from)?;
-    close_src?;
-    close_dst?;
+    let outcome = result
+        .map_err(anyhow::Error::from)
+        .and_then(|r| close_src.and(close_dst).map(|()| r).map_err(Into::into));
+    progress.set_phase(copy::progress::Phase::Done);
+    if let Some(path) = &args.stats_json {
+        let doc = stats_json(&args, &progress, &outcome);
+        // Write then rename, so a watcher never reads half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{doc:#}\n"))
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let report = outcome?;
     if let Some(digest) = &report.blkhash {
         match &args.blkhash_file {
             Some(path) => std::fs::write(path, format!("{digest}\n"))
@@ -439,4 +453,54 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// The `--stats-json` document (its schema is in the README's "Copy statistics" section).
+fn stats_json(
+    args: &CopyArgs,
+    progress: &Progress,
+    outcome: &Result<copy::Report, anyhow::Error>,
+) -> serde_json::Value {
+    use copy::progress::Phase;
+    let secs = |p: Phase| progress.phase_time(p).as_secs_f64();
+    let (copy_s, flush_s, verify_s) = (secs(Phase::Copy), secs(Phase::Flush), secs(Phase::Verify));
+    let total_s = copy_s + flush_s + verify_s;
+    let per_s = |bytes: u64, s: f64| if s > 0.0 { bytes as f64 / s } else { 0.0 };
+    let stats = outcome.as_ref().ok().map(|r| &r.stats);
+    let size = stats.map(|s| s.size).or(progress.size());
+    let done = progress.done();
+    serde_json::json!({
+        "result": if outcome.is_ok() { "ok" } else { "failed" },
+        "error": outcome.as_ref().err().map(|e| format!("{e:#}")),
+        "source": args.source,
+        "destination": args.destination,
+        "size": size,
+        "bytes": {
+            "done": done,
+            "read": stats.map(|s| s.bytes_read),
+            "data": stats.map(|s| s.bytes_written),
+            "zero": stats.map(|s| s.bytes_zeroed),
+            "skipped": stats.map(|s| s.bytes_skipped),
+        },
+        "requests": {
+            "read": stats.map(|s| s.read_requests),
+            "write": stats.map(|s| s.write_requests),
+        },
+        "retries": progress.retries(),
+        "seconds": {
+            "copy": copy_s,
+            "flush": flush_s,
+            "verify": verify_s,
+            "total": total_s,
+        },
+        "rates": {
+            "copy": per_s(done, copy_s),
+            "total": per_s(done, total_s),
+            "data": per_s(stats.map_or(0, |s| s.bytes_written), copy_s),
+        },
+        "verified": outcome.as_ref().ok().and_then(|r| r.verified.as_ref()).map(|v| {
+            serde_json::json!({"checksum": v.checksum, "digest": v.digest, "how": v.how})
+        }),
+        "pipelines": stats.map(|s| s.workers),
+    })
 }
