@@ -1239,3 +1239,17 @@ fn a_server_that_goes_silent_fails_at_the_deadline() {
         started.elapsed()
     );
 }
+
+/// A link so slow that one PUT's body takes longer than `--timeout` to send: bytes keep moving,
+/// so nothing times out while the server rightly says nothing until the body has arrived.
+#[test]
+fn a_put_slower_than_the_timeout_completes_while_bytes_move() {
+    let dir = testutil::temp_dir();
+    // 64 KiB every 25 ms: an 8 MiB PUT takes over 3 s against a 1 s timeout.
+    let faults = testutil::fault_proxy::Faults::every(Fault::Delay(Duration::from_millis(25)));
+    let (run, _proxy, expected, dst, _) =
+        upload_through_proxy(dir.path(), faults, &["--timeout", "1", "-C", "1"]);
+    let stderr = run.expect_ok();
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert_same_bytes(&std::fs::read(&dst).unwrap(), &expected, "slow upload");
+}

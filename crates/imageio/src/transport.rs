@@ -2,18 +2,21 @@
 //! (path or abstract name), each an HTTP/1.1 connection driven by its own task; and the pool
 //! that hands them out, one request at a time, reusing keep-alive connections. Every
 //! connection has deadlines: one for connecting (TCP and TLS), and one for any read or write
-//! that makes no progress, so a server that goes silent fails the request instead of holding
-//! the copy forever.
+//! that waits while the connection moves no byte either way, so a server that goes silent
+//! fails the request instead of holding the copy forever.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ReqBody;
@@ -78,11 +81,9 @@ impl Transport {
                     ),
                 )
             })??;
-        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-        stream.set_read_timeout(Some(deadlines.io));
-        stream.set_write_timeout(Some(deadlines.io));
+        let stream = Idle::new(stream, deadlines.io);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(Box::pin(stream)))
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
@@ -123,6 +124,106 @@ impl Transport {
                 Ok(Box::new(stream))
             }
         }
+    }
+}
+
+/// A stream that fails a pending read or write once the connection has moved no byte, either
+/// way, for the deadline. Reads and writes share one clock: a long upload body keeps a
+/// connection alive while its answer is not due yet, and an idle keep-alive connection in the
+/// pool simply times out and is replaced. (Separate read and write timeouts, as generic
+/// wrappers offer, would fail a slow PUT whose server rightly says nothing until the end.)
+struct Idle<S> {
+    inner: S,
+    deadline: Duration,
+    last: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Idle<S> {
+    fn new(inner: S, deadline: Duration) -> Idle<S> {
+        let last = Instant::now();
+        Idle {
+            inner,
+            deadline,
+            last,
+            timer: Box::pin(tokio::time::sleep_until((last + deadline).into())),
+        }
+    }
+
+    /// After a pending operation: an error once the connection was idle past the deadline,
+    /// else the timer is set to wake the task when it would be.
+    fn check(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let due = self.last + self.deadline;
+        if Instant::now() >= due {
+            return Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "timed out: the server moved no byte for {} s",
+                    self.deadline.as_secs_f64()
+                ),
+            ));
+        }
+        if self.timer.deadline() != due.into() {
+            self.timer.as_mut().reset(due.into());
+        }
+        // The timer never fires before `due`, so a second look finds it passed.
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => self.check(cx),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check(cx).map(Err),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.check(cx).map(Err),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
