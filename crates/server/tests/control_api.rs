@@ -364,7 +364,11 @@ fn delete_answers_409_while_a_backend_write_is_stuck() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the write to start", || info(&srv, "n")["active"] == true);
+    wait_until("the upload to start", || info(&srv, "n")["active"] == true);
+    // The PUT is active once its headers are in; its 1 MiB body then reaches the backend in
+    // milliseconds, and the backend write it starts takes 3 s. Deleting before the write began
+    // would cancel a request that is only reading its body (204, not the stuck write).
+    std::thread::sleep(Duration::from_millis(500));
     let r = control(&srv, Method::DELETE, "/tickets/n", None);
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.text(), "Timeout cancelling transfer tx-n");
