@@ -25,8 +25,30 @@ impl Backend {
         min > 1 && (!offset.is_multiple_of(min) || !len.is_multiple_of(min))
     }
 
-    /// Reads `len` bytes at `offset`, whatever the backend's alignment.
+    /// Reads `len` bytes at `offset`, whatever the backend's alignment; counted in the
+    /// ticket's traffic once done.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DiskError> {
+        let data = self.read_any(offset, len).await?;
+        self.traffic.read(data.len() as u64);
+        Ok(data)
+    }
+
+    /// Writes `data` at `offset`, whatever the backend's alignment; counted once done.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), DiskError> {
+        let n = data.len() as u64;
+        self.write_any(offset, data).await?;
+        self.traffic.written(n);
+        Ok(())
+    }
+
+    /// Zeroes [offset, offset+len), whatever the backend's alignment; counted once done.
+    pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> Result<(), DiskError> {
+        self.zero_any(offset, len, allocate).await?;
+        self.traffic.zeroed(len);
+        Ok(())
+    }
+
+    async fn read_any(&self, offset: u64, len: u64) -> Result<Bytes, DiskError> {
         if !self.unaligned(offset, len) {
             return self.ep.read(offset, len).await;
         }
@@ -38,8 +60,7 @@ impl Backend {
         Ok(data.slice(from..from + len as usize))
     }
 
-    /// Writes `data` at `offset`, whatever the backend's alignment.
-    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), DiskError> {
+    async fn write_any(&self, offset: u64, data: Bytes) -> Result<(), DiskError> {
         let len = data.len() as u64;
         if !self.unaligned(offset, len) {
             return self.ep.write(offset, data).await;
@@ -64,9 +85,8 @@ impl Backend {
         Ok(())
     }
 
-    /// Zeroes [offset, offset+len), whatever the backend's alignment: unaligned edges are
-    /// written as zero bytes.
-    pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> Result<(), DiskError> {
+    /// Unaligned edges are written as zero bytes.
+    async fn zero_any(&self, offset: u64, len: u64, allocate: bool) -> Result<(), DiskError> {
         if !self.unaligned(offset, len) {
             return self.ep.zero(offset, len, allocate).await;
         }

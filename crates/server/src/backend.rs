@@ -35,6 +35,8 @@ pub struct Backend {
     pub max_writers: u64,
     /// Serializes read-modify-write cycles (see [`crate::aligned`]).
     pub(crate) rmw: tokio::sync::Mutex<()>,
+    /// Where the bytes it moves are counted: its ticket's, once the ticket holds it.
+    pub traffic: Arc<crate::metrics::Traffic>,
 }
 
 impl Backend {
@@ -66,6 +68,7 @@ impl Backend {
                     max_readers: MAX_CONNECTIONS,
                     max_writers: MAX_CONNECTIONS,
                     rmw: tokio::sync::Mutex::new(()),
+                    traffic: Arc::default(),
                 })
             }
             BackendUrl::Nbd(uri) => {
@@ -101,6 +104,7 @@ impl Backend {
                     max_readers: MAX_CONNECTIONS,
                     max_writers: MAX_CONNECTIONS,
                     rmw: tokio::sync::Mutex::new(()),
+                    traffic: Arc::default(),
                 })
             }
         }

@@ -17,6 +17,7 @@
 //! queue_depth = 4         # backend requests in flight per HTTP request
 //! bwlimit = "1G"          # bytes per second for all transfers together, in equal shares
 //! ticket_bwlimit = "100M" # bytes per second for each ticket without its own "bwlimit"
+//! drain_timeout = 30      # seconds requests in progress get to finish on SIGTERM
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +46,7 @@ pub struct FileConfig {
     pub queue_depth: Option<usize>,
     pub bwlimit: Option<Rate>,
     pub ticket_bwlimit: Option<Rate>,
+    pub drain_timeout: Option<f64>,
 }
 
 /// A rate in the file: bytes per second as an integer, or text like `"100M"`.
@@ -95,6 +97,7 @@ impl FileConfig {
             ("remove_timeout", cfg.remove_timeout),
             ("reap_grace", cfg.reap_grace),
             ("reap_interval", cfg.reap_interval),
+            ("drain_timeout", cfg.drain_timeout),
         ] {
             if v.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
                 return Err(format!("{name}: expecting a number of seconds >= 0").into());

@@ -26,6 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::metrics::Metrics;
 use crate::respond::Body;
 use crate::store::{Binding, Ticket};
 
@@ -50,10 +51,19 @@ pub struct ConnCtx {
     bytes_out: AtomicU64,
     requests: AtomicU64,
     bindings: Mutex<HashMap<String, (Arc<Ticket>, Binding)>>,
+    started: Instant,
+    /// The server's metrics: requests, connections and errors are counted there.
+    pub metrics: Arc<Metrics>,
 }
 
 impl ConnCtx {
-    pub fn new(id: u64, service: &'static str, peer: String, timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        id: u64,
+        service: &'static str,
+        peer: String,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(ConnCtx {
             id,
             service,
@@ -64,7 +74,38 @@ impl ConnCtx {
             bytes_out: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bindings: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            metrics,
         })
+    }
+
+    /// Bytes received and sent on the socket so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// How long the connection has been open.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Counts a failed request and keeps it for the status page.
+    pub fn failed(&self, ticket: Option<&str>, error: &crate::respond::HttpError) {
+        self.metrics.error(
+            self.service,
+            ticket,
+            error.status.as_u16(),
+            &error.kind(),
+            &error.message,
+        );
     }
 
     pub fn timeout(&self) -> Duration {
@@ -126,12 +167,18 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send + '_>>;
 }
 
-/// Serves HTTP/1.1 on `io` until the client leaves, an error, or the timeout.
-pub async fn serve<S>(io: S, ctx: Arc<ConnCtx>, handler: Arc<dyn Handler>)
-where
+/// Serves HTTP/1.1 on `io` until the client leaves, an error, or the timeout. Once `shutdown`
+/// turns true, the request being served is finished and answered, then the connection closes.
+pub async fn serve<S>(
+    io: S,
+    ctx: Arc<ConnCtx>,
+    handler: Arc<dyn Handler>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
+    ctx.metrics.connection_opened(&ctx);
     let timed = TimedIo::new(io, ctx.clone());
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -140,25 +187,42 @@ where
         async move {
             ctx.requests.fetch_add(1, Ordering::Relaxed);
             let _busy = ctx.busy();
+            let began = Instant::now();
+            let method = req.method().clone();
             tracing::debug!(conn = ctx.id, method = %req.method(), uri = %req.uri(), "request");
             let mut resp = handler.handle(req, ctx.clone()).await;
             resp.headers_mut()
                 .insert(SERVER, HeaderValue::from_static(SERVER_NAME));
-            tracing::debug!(conn = ctx.id, status = resp.status().as_u16(), "response");
+            let status = resp.status().as_u16();
+            ctx.metrics
+                .request(ctx.service, method.as_str(), status, began.elapsed());
+            tracing::debug!(conn = ctx.id, status, "response");
             Ok::<_, Infallible>(resp)
         }
     });
-    let result = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         // Do not read ahead while a handler works: a long zero or flush must not be cut short
         // because the client half-closed, and EOF is seen on the next read anyway.
         .half_close(true)
         .max_buf_size(READ_BUFFER.max(MAX_HEAD))
-        .serve_connection(TokioIo::new(timed), svc)
-        .await;
+        .serve_connection(TokioIo::new(timed), svc);
+    tokio::pin!(conn);
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                tracing::debug!(conn = ctx.id, "closing after the request in progress");
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    };
     // The tickets the connection served, so its last line belongs to their transfers.
     let ticket = ctx.bound_tickets().join(",");
     ctx.unbind_all();
+    ctx.metrics.connection_closed(&ctx);
     let elapsed = started.elapsed().as_secs_f64();
     let bytes_in = ctx.bytes_in.load(Ordering::Relaxed);
     let bytes_out = ctx.bytes_out.load(Ordering::Relaxed);

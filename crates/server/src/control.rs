@@ -43,6 +43,7 @@ impl Handler for ControlApi {
                 match self.dispatch(req, &ctx).await {
                     Ok(r) => r,
                     Err(e) => {
+                        ctx.failed((!ticket.is_empty()).then_some(ticket.as_str()), &e);
                         tracing::info!(status = e.status.as_u16(), "{}", e.message);
                         e.into_response()
                     }
@@ -60,6 +61,9 @@ impl ControlApi {
         ctx: &ConnCtx,
     ) -> Result<Response<Body>, HttpError> {
         let path = req.uri().path().to_owned();
+        if let Some(resp) = crate::status::route(&path, req.method(), &self.store) {
+            return resp;
+        }
         let Some(raw_id) = path.strip_prefix("/tickets/") else {
             return Err(HttpError::not_found(format!("No handler for '{path}'")));
         };

@@ -134,6 +134,7 @@ impl Handler for DataApi {
                 let mut resp = match result {
                     Ok(r) => r,
                     Err(e) => {
+                        ctx.failed(ticket.as_deref(), &e);
                         if e.status.is_server_error() {
                             tracing::warn!(
                                 conn = ctx.id,
@@ -367,6 +368,7 @@ impl DataApi {
             let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
             Response::new(download(
                 backend,
+                self.store.metrics.clone(),
                 op,
                 ctx.busy(),
                 offset,
@@ -463,6 +465,7 @@ impl DataApi {
 /// cut the response short and close the connection.
 fn download(
     backend: Arc<Backend>,
+    metrics: Arc<crate::metrics::Metrics>,
     op: crate::store::OpGuard,
     busy: crate::conn::BusyGuard,
     offset: u64,
@@ -484,18 +487,28 @@ fn download(
             let backend = backend.clone();
             let ticket = ticket.clone();
             let flow = flow.clone();
+            let metrics = metrics.clone();
             tracing::Instrument::instrument(
                 async move {
                     // Bytes are counted before they are read: the backend is paced too.
+                    let waiting = std::time::Instant::now();
                     tokio::select! {
                         _ = flow.acquire(len) => {}
                         _ = ticket.cancelled() => {}
                     }
+                    crate::metrics::count_wait(&metrics, waiting);
                     if ticket.is_canceled() {
                         return Err(format!("Transfer={} was canceled", ticket.label()).into());
                     }
                     let data = backend.read(off, len).await.map_err(|e| {
                         tracing::error!("download failed: {e}");
+                        metrics.error(
+                            "data",
+                            Some(ticket.id()),
+                            500,
+                            e.kind().name(),
+                            &e.to_string(),
+                        );
                         Box::new(e) as BoxError
                     })?;
                     if data.len() as u64 != len {

@@ -28,6 +28,8 @@ pub struct HttpError {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Sent as `text/html` (the reference's stock pages) instead of `text/plain`.
     html: bool,
+    /// The backend failure behind it, for metrics.
+    backend_kind: Option<disk::ErrorKind>,
 }
 
 /// The longest request line (method, target and version) the reference reads; longer ones
@@ -42,6 +44,19 @@ impl HttpError {
             close: false,
             headers: Vec::new(),
             html: false,
+            backend_kind: None,
+        }
+    }
+
+    /// What kind of failure this is, as metrics label it: the backend error's kind, or the
+    /// refusal (`forbidden`, `not_found`, ...).
+    pub fn kind(&self) -> String {
+        if let Some(k) = self.backend_kind {
+            return k.name().to_string();
+        }
+        match self.status.canonical_reason() {
+            Some(r) => r.to_ascii_lowercase().replace([' ', '-'], "_"),
+            None => format!("http_{}", self.status.as_u16()),
         }
     }
 
@@ -163,7 +178,9 @@ pub fn backend_error(e: &disk::DiskError) -> HttpError {
         | _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     tracing::error!(kind = ?e.kind(), status = status.as_u16(), "backend failed: {e}");
-    HttpError::new(status, INTERNAL_MESSAGE)
+    let mut error = HttpError::new(status, INTERNAL_MESSAGE);
+    error.backend_kind = Some(e.kind());
+    error
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {

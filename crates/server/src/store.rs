@@ -20,13 +20,14 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::backend::Backend;
+use crate::metrics::{Metrics, Traffic};
 use crate::ticket::{Access, TicketSpec, monotonic_now};
 
 /// Why a request may not touch a ticket: the text after "You are not allowed to access this
@@ -35,13 +36,22 @@ use crate::ticket::{Access, TicketSpec, monotonic_now};
 #[error("{0}")]
 pub struct Forbidden(pub String);
 
+type TicketMap = Mutex<HashMap<String, Arc<Ticket>>>;
+
 /// Every installed ticket.
-#[derive(Default)]
 pub struct TicketStore {
-    tickets: Mutex<HashMap<String, Arc<Ticket>>>,
+    tickets: Arc<TicketMap>,
     /// Where ticket documents are kept across restarts, if anywhere.
     persist: Option<PathBuf>,
     limits: Limits,
+    /// The server's metrics; tickets count their bytes into them.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for TicketStore {
+    fn default() -> Self {
+        Self::build(None, Limits::default())
+    }
 }
 
 /// A ticket store directory that could not be read or written.
@@ -54,31 +64,41 @@ pub struct StoreError {
     pub source: std::io::Error,
 }
 
-/// Bandwidth limits of the data service, bytes per second (0: none).
-#[derive(Debug, Default, Clone)]
+/// Bandwidth limits of the data service, bytes per second (0: none). Both can change while
+/// transfers run ([`TicketStore::set_limits`]), so every ticket has its limiters from the start;
+/// an unlimited one costs an atomic load per request.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Shared by every transfer, in equal shares ([`bwlimit::Flow`]).
-    pub global: Option<Arc<bwlimit::Limiter>>,
+    pub global: Arc<bwlimit::Limiter>,
     /// Each ticket's own limit when its document has no `bwlimit`.
-    pub per_ticket: u64,
+    per_ticket: Arc<AtomicU64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::new(0, 0)
+    }
 }
 
 impl Limits {
     /// `global` for all transfers together, `per_ticket` for each one (0: none).
     pub fn new(global: u64, per_ticket: u64) -> Limits {
         Limits {
-            global: (global > 0).then(|| bwlimit::Limiter::new(global)),
-            per_ticket,
+            global: bwlimit::Limiter::new(global),
+            per_ticket: Arc::new(AtomicU64::new(per_ticket)),
         }
+    }
+
+    /// Each ticket's limit unless its document sets one (0: none).
+    pub fn per_ticket(&self) -> u64 {
+        self.per_ticket.load(Ordering::Relaxed)
     }
 
     /// The limits one ticket's transfers move under.
     fn flow(&self, spec: &TicketSpec) -> bwlimit::Flow {
-        let own = spec.bwlimit.unwrap_or(self.per_ticket);
-        bwlimit::Flow::new(
-            (own > 0).then(|| bwlimit::Limiter::new(own)),
-            self.global.clone(),
-        )
+        let own = spec.bwlimit.unwrap_or(self.per_ticket());
+        bwlimit::Flow::new(Some(bwlimit::Limiter::new(own)), Some(self.global.clone()))
     }
 }
 
@@ -110,11 +130,7 @@ impl TicketStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| err("creating it", e))?;
-        let store = TicketStore {
-            tickets: Mutex::default(),
-            persist: Some(dir.to_path_buf()),
-            limits,
-        };
+        let store = Self::build(Some(dir.to_path_buf()), limits);
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| err("listing it", e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -183,10 +199,48 @@ impl TicketStore {
 
     /// A store whose tickets' transfers move under `limits`.
     pub fn with_limits(limits: Limits) -> Self {
+        Self::build(None, limits)
+    }
+
+    fn build(persist: Option<PathBuf>, limits: Limits) -> Self {
+        let tickets: Arc<TicketMap> = Arc::default();
+        // Weak: the tickets hold the metrics, which must not keep the tickets alive.
+        let listed = Arc::downgrade(&tickets);
+        let metrics = Arc::new(Metrics::new(move || match listed.upgrade() {
+            Some(map) => {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                let mut all: Vec<Arc<Ticket>> = map.values().cloned().collect();
+                all.sort_by(|a, b| a.id().cmp(b.id()));
+                all
+            }
+            None => Vec::new(),
+        }));
         TicketStore {
+            tickets,
+            persist,
             limits,
-            ..Self::default()
+            metrics,
         }
+    }
+
+    /// The bandwidth limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Changes the limits while transfers run: the global rate, and the rate of every ticket
+    /// whose document does not set its own.
+    pub fn set_limits(&self, global: u64, per_ticket: u64) {
+        self.limits.global.set_rate(global);
+        self.limits.per_ticket.store(per_ticket, Ordering::Relaxed);
+        for t in self.list() {
+            if t.spec.bwlimit.is_none()
+                && let Some(own) = t.flow.own()
+            {
+                own.set_rate(per_ticket);
+            }
+        }
+        tracing::info!(global, per_ticket, "bandwidth limits changed");
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Ticket>>> {
@@ -203,7 +257,8 @@ impl TicketStore {
 
     fn insert(&self, spec: TicketSpec) -> Arc<Ticket> {
         let flow = self.limits.flow(&spec);
-        let ticket = Arc::new(Ticket::new(spec, flow));
+        let traffic = Arc::new(Traffic::new(self.metrics.clone()));
+        let ticket = Arc::new(Ticket::new(spec, flow, traffic));
         let old = self.map().insert(ticket.id().to_owned(), ticket.clone());
         if let Some(old) = old {
             old.cancel();
@@ -247,6 +302,22 @@ impl TicketStore {
         self.forget(&ticket);
         tracing::info!(ticket = %id, "ticket removed");
         Ok(())
+    }
+
+    /// Flushes and closes every ticket's open backend (the server is stopping; nothing runs).
+    pub async fn close_backends(&self) {
+        for t in self.list() {
+            let backend = t.backend.lock().await.take();
+            if let Some(b) = backend {
+                // Writes acknowledged with flush=n are made durable before the server goes.
+                if !b.ep.caps().read_only
+                    && let Err(e) = b.ep.flush().await
+                {
+                    tracing::warn!(ticket = %t.id(), "flush at shutdown failed: {e}");
+                }
+                b.close().await;
+            }
+        }
     }
 
     /// Removes every ticket without cancelling running operations (`DELETE /tickets/`).
@@ -318,10 +389,12 @@ pub struct Ticket {
     backend: tokio::sync::Mutex<Option<Arc<Backend>>>,
     /// The bandwidth limits its downloads and uploads wait for, shared by its connections.
     pub flow: bwlimit::Flow,
+    /// Bytes moved on its backend, for the metrics and the status page.
+    pub traffic: Arc<Traffic>,
 }
 
 impl Ticket {
-    fn new(spec: TicketSpec, flow: bwlimit::Flow) -> Ticket {
+    fn new(spec: TicketSpec, flow: bwlimit::Flow, traffic: Arc<Traffic>) -> Ticket {
         let expires = monotonic_now() + spec.timeout as f64;
         Ticket {
             spec,
@@ -339,6 +412,7 @@ impl Ticket {
             idle_notify: Notify::new(),
             backend: tokio::sync::Mutex::new(None),
             flow,
+            traffic,
         }
     }
 
@@ -449,7 +523,9 @@ impl Ticket {
         if let Some(b) = slot.as_ref() {
             return Ok(b.clone());
         }
-        let b = Arc::new(opener(&self.spec).await?);
+        let mut b = opener(&self.spec).await?;
+        b.traffic = self.traffic.clone();
+        let b = Arc::new(b);
         *slot = Some(b.clone());
         Ok(b)
     }

@@ -241,7 +241,12 @@ pub(crate) async fn put(
                 received += data.len() as u64;
                 let flow = ticket.flow.clone();
                 let n = data.len() as u64;
-                throttle = Some(Box::pin(async move { flow.acquire(n).await }));
+                let metrics = api.store.metrics.clone();
+                throttle = Some(Box::pin(async move {
+                    let waiting = std::time::Instant::now();
+                    flow.acquire(n).await;
+                    crate::metrics::count_wait(&metrics, waiting);
+                }));
                 if offset + received > limit {
                     failure = Some(HttpError::range(
                         "Requested range out of allowed range", Some(&available)).closing());

@@ -27,6 +27,11 @@ impl FerryServe {
 
     /// Like [`FerryServe::start`], for a command already holding `serve` and its flags.
     pub fn start_command(mut cmd: Command, dir: &Path) -> FerryServe {
+        // A test that stops a server with a request still hanging must not wait for the
+        // default 30 s drain.
+        if !cmd.get_args().any(|a| a == "--drain-timeout") {
+            cmd.args(["--drain-timeout", "5"]);
+        }
         let ready = dir.join("ready.json");
         let log = dir.join("serve.log");
         cmd.arg("--ready-file").arg(&ready).env("RUST_LOG", "info");
@@ -77,6 +82,20 @@ impl FerryServe {
     /// The server's exit status, once it has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is not yet reaped, so
+        // its pid cannot have been reused.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
     }
 
     /// Sends SIGTERM and returns the exit status; panics if the server ignores it.

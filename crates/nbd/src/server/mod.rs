@@ -75,22 +75,77 @@ pub fn tls_server_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<rustls::ServerConfig>> {
+    ServerCert::load(cert, key)?.config()
+}
+
+/// A server's certificate and key, replaceable while it serves: configurations built by
+/// [`ServerCert::config`] ask it for the key at every handshake, so after
+/// [`ServerCert::reload`] new connections get the new certificate and connections already
+/// established keep the one they negotiated.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    pub fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<ServerCert>> {
+        Ok(Arc::new(ServerCert {
+            current: std::sync::RwLock::new(Arc::new(certified_key(cert, key)?)),
+        }))
+    }
+
+    /// Reads `cert` and `key` again; on any error the certificate in use stays.
+    pub fn reload(&self, cert: &std::path::Path, key: &std::path::Path) -> Result<()> {
+        let fresh = Arc::new(certified_key(cert, key)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// A TLS 1.2+ server configuration serving this certificate.
+    pub fn config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| crate::Error::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// The chain and key of two PEM files, checked to belong together.
+fn certified_key(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::sign::CertifiedKey> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls = |e: String| crate::Error::Tls(e);
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
         .map_err(|e| tls(format!("reading certificate {}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_file(key)
+    if chain.is_empty() {
+        return Err(tls(format!("no certificate in {}", cert.display())));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| tls(format!("reading key {}: {e}", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| tls(format!("certificate and key: {e}")))?;
-    Ok(Arc::new(config))
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
+        .map_err(|e| tls(format!("certificate and key: {e}")))
 }
 
 /// A listening socket the server accepts clients on.
