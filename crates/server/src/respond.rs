@@ -48,15 +48,15 @@ impl HttpError {
         }
     }
 
-    /// What kind of failure this is, as metrics label it: the backend error's kind, or the
-    /// refusal (`forbidden`, `not_found`, ...).
+    /// What kind of failure this is, as metrics label it: the backend error's kind
+    /// (`no-space`, ...), or the refusal (`forbidden`, `not-found`, `bad-request`, ...).
     pub fn kind(&self) -> String {
         if let Some(k) = self.backend_kind {
             return k.name().to_string();
         }
         match self.status.canonical_reason() {
-            Some(r) => r.to_ascii_lowercase().replace([' ', '-'], "_"),
-            None => format!("http_{}", self.status.as_u16()),
+            Some(r) => r.to_ascii_lowercase().replace(' ', "-"),
+            None => format!("http-{}", self.status.as_u16()),
         }
     }
 
