@@ -11,6 +11,7 @@ pub mod memory;
 pub mod nbd;
 pub mod null;
 pub mod pipe;
+pub mod qcow2;
 pub mod retry;
 pub mod sink;
 pub mod sparse;

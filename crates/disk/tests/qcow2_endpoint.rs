@@ -1,0 +1,171 @@
+//! The qcow2 endpoint against qemu: its guest view must equal `qemu-img convert -O raw`, its
+//! extents must say data exactly where `qemu-img map` does, and it must refuse writes.
+
+use std::path::Path;
+use std::process::Command;
+
+use disk::qcow2::Qcow2Endpoint;
+use disk::{Endpoint, ErrorKind};
+use tempfile::TempDir;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A two-image chain with data, zero clusters and unallocated space.
+fn chain(dir: &Path) -> std::path::PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x31 0 1M",
+            "-c",
+            "write -P 0x32 3M 64k",
+            s(&base),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+            "4M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x41 512k 100k",
+            "-c",
+            "write -z 3M 64k",
+            "-c",
+            "write -P 0x42 2M 4k",
+            s(&top),
+        ],
+    );
+    top
+}
+
+/// Bytes qemu-img map reports as data (true) or not, one flag per 4 KiB block.
+fn qemu_data_blocks(image: &Path, size: u64) -> Vec<bool> {
+    let json = run("qemu-img", &["map", "--output=json", s(image)]);
+    let mut blocks = vec![false; (size / 4096) as usize];
+    // The map is a JSON array of flat objects: split it by entry and pick the fields by name.
+    for entry in json.split('}') {
+        let field = |name: &str| -> Option<&str> {
+            let at = entry.find(&format!("\"{name}\": "))? + name.len() + 4;
+            let rest = &entry[at..];
+            Some(rest[..rest.find([',', ' ']).unwrap_or(rest.len())].trim())
+        };
+        let (Some(start), Some(length), Some(data)) =
+            (field("start"), field("length"), field("data"))
+        else {
+            continue;
+        };
+        let (start, length): (u64, u64) = (start.parse().unwrap(), length.parse().unwrap());
+        for b in start / 4096..(start + length) / 4096 {
+            blocks[b as usize] = data == "true";
+        }
+    }
+    blocks
+}
+
+#[tokio::test]
+async fn qcow2_endpoint_reads_the_guest_view_and_maps_extents() {
+    let dir = TempDir::new().unwrap();
+    let top = chain(dir.path());
+    let raw = dir.path().join("expected.raw");
+    run("qemu-img", &["convert", "-O", "raw", s(&top), s(&raw)]);
+    let expected = std::fs::read(&raw).unwrap();
+
+    let ep = Qcow2Endpoint::open(&top, true).unwrap();
+    let caps = ep.caps().clone();
+    assert_eq!(caps.size, Some(expected.len() as u64));
+    assert!(caps.read_only && caps.extents);
+
+    let mut got = Vec::new();
+    let step = 300_000u64;
+    let mut off = 0u64;
+    while off < expected.len() as u64 {
+        let n = step.min(expected.len() as u64 - off);
+        got.extend_from_slice(&ep.read(off, n).await.unwrap());
+        off += n;
+    }
+    assert!(got == expected, "guest view differs from qemu-img convert");
+
+    let size = expected.len() as u64;
+    let extents = ep.extents(0, size).await.unwrap();
+    assert_eq!(extents.first().unwrap().offset, 0);
+    assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), size);
+    let want = qemu_data_blocks(&top, size);
+    for e in &extents {
+        for b in e.offset / 4096..e.end() / 4096 {
+            assert_eq!(!e.zero, want[b as usize], "block {b} in {e:?}");
+        }
+        // Zero extents read as zeroes.
+        if e.zero {
+            assert!(
+                expected[e.offset as usize..e.end() as usize]
+                    .iter()
+                    .all(|&x| x == 0)
+            );
+        }
+    }
+    assert!(
+        extents.iter().any(|e| e.zero && !e.hole),
+        "the zeroed cluster"
+    );
+    assert!(
+        extents.iter().any(|e| e.hole),
+        "space unallocated in the chain"
+    );
+
+    let err = ep
+        .write(0, bytes::Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    let err = ep.read(size - 10, 20).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("top.qcow2") && msg.contains("offset") && msg.contains("length 20"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn qcow2_endpoint_open_errors_name_the_image() {
+    let dir = TempDir::new().unwrap();
+    let top = chain(dir.path());
+    let err = Qcow2Endpoint::open(&top, false).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("open") && msg.contains("top.qcow2") && msg.contains("backing"),
+        "{msg}"
+    );
+}
