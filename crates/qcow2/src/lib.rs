@@ -789,6 +789,28 @@ impl Image {
         Ok(out)
     }
 
+    /// Reads stored data. Data starting past the end of the file is corruption; a cluster
+    /// that the file ends inside reads as zeroes past the end, as in qemu (a file whose last
+    /// cluster was only partly written out).
+    fn read_data(&self, out: &mut [u8], host: u64) -> Result<()> {
+        if host >= self.file_len {
+            return Err(Qcow2Error::corrupt(
+                &self.path,
+                host,
+                format!(
+                    "data cluster is past the end of the file ({} bytes)",
+                    self.file_len
+                ),
+            ));
+        }
+        let n = self
+            .storage
+            .read_at(out, host)
+            .map_err(|e| Qcow2Error::io(&self.path, Some(host), "reading a data cluster", e))?;
+        out[n..].fill(0);
+        Ok(())
+    }
+
     /// Fills `buf` with the guest view at `offset`: holes read as zeroes or from the backing
     /// chain.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -800,13 +822,7 @@ impl Image {
             let n = run.min((buf.len() - pos) as u64) as usize;
             let out = &mut buf[pos..pos + n];
             match piece {
-                Piece::Data(host) => read_exact(
-                    &self.path,
-                    self.storage.as_ref(),
-                    out,
-                    host,
-                    "a data cluster",
-                )?,
+                Piece::Data(host) => self.read_data(out, host)?,
                 Piece::Compressed { host, csize } => {
                     let data = self.decompressed(host, csize)?;
                     let at = (guest & (self.cluster_size() - 1)) as usize;
@@ -824,7 +840,9 @@ impl Image {
     }
 
     /// The allocation map of `[offset, offset+len)`, covering it exactly, adjacent extents of
-    /// the same kind and depth merged.
+    /// the same kind and depth merged. The work grows with the number of L2 entries in the
+    /// range (unallocated L1 entries are skipped whole), so ask for bounded windows of a large
+    /// image, as NBD block status does.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let mut out = Vec::new();

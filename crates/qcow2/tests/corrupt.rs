@@ -376,3 +376,82 @@ fn random_damage_never_panics() {
         }
     }
 }
+
+#[test]
+fn data_cluster_past_end_of_file_and_truncated_last_cluster() {
+    let dir = TempDir::new().unwrap();
+    let img = image_with_data(dir.path(), "trunc.qcow2");
+    let expected = qemu_raw(&img, dir.path());
+    let data = std::fs::read(&img).unwrap();
+    let l2 = (be64(&data, be64(&data, 40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    // The file ends 1000 bytes into the last data cluster: the rest reads as zeroes.
+    let last = (0..8192)
+        .map(|i| be64(&data, l2 + i * 8) & 0x00ff_ffff_ffff_fe00)
+        .max()
+        .unwrap() as usize;
+    assert!(last + 65536 <= data.len());
+    std::fs::write(&img, &data[..last + 1000]).unwrap();
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    let got = read_all(&opened).unwrap();
+    let mut want = expected.clone();
+    let guest_of_last = 3145728usize; // the second write's only cluster
+    want[guest_of_last + 1000..guest_of_last + 65536].fill(0);
+    assert_same(&got, &want, "truncated image");
+
+    // An entry pointing wholly past the end is an error.
+    let entry = be64(&data, l2) & !0x00ff_ffff_ffff_fe00;
+    let mut bad = data.clone();
+    bad[l2..l2 + 8].copy_from_slice(&(entry | (1u64 << 40)).to_be_bytes());
+    std::fs::write(&img, &bad).unwrap();
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    let err = read_all(&opened).unwrap_err();
+    assert_eq!(err.offset, Some(1 << 40));
+    assert_names(&err, &img, "past the end of the file");
+}
+
+/// Offset of the bitmap directory entry of the only bitmap, from the bitmaps extension.
+fn bitmap_entry(data: &[u8]) -> usize {
+    let ext = data[..65536]
+        .windows(4)
+        .position(|w| w == [0x23, 0x85, 0x28, 0x75])
+        .expect("bitmaps extension");
+    be64(data, ext + 8 + 16) as usize
+}
+
+#[test]
+fn stale_and_in_use_bitmaps() {
+    let dir = TempDir::new().unwrap();
+    let img = image_with_data(dir.path(), "bm.qcow2");
+    qemu_img(&["bitmap", "--add", p(&img), "b"]);
+    qemu_io(&img, "qcow2", &["write -P 1 0 4096"]);
+    let data = std::fs::read(&img).unwrap();
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    assert_eq!(
+        opened.bitmap_dirty("b", 0, opened.size()).unwrap(),
+        vec![(0, 65536)]
+    );
+
+    // in_use: left by a writer that did not close the image; its bits are not trusted.
+    let flags_at = bitmap_entry(&data) + 12;
+    let flags = be32(&data, flags_at);
+    patch(&img, flags_at, &(flags | 1).to_be_bytes());
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    assert!(opened.bitmaps().unwrap()[0].in_use);
+    let err = opened.bitmap_dirty("b", 0, opened.size()).unwrap_err();
+    assert_names(&err, &img, "in use");
+
+    // Autoclear bit cleared by a writer that does not know bitmaps: they are stale, not shown.
+    std::fs::write(&img, &data).unwrap();
+    let autoclear = be64(&data, 88);
+    patch(&img, 88, &(autoclear & !1).to_be_bytes());
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    assert!(opened.bitmaps().unwrap().is_empty());
+
+    // A bitmap table past the end of the file.
+    std::fs::write(&img, &data).unwrap();
+    patch(&img, bitmap_entry(&data), &(1u64 << 40).to_be_bytes());
+    let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    let err = opened.bitmap_dirty("b", 0, opened.size()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert_names(&err, &img, "table");
+}

@@ -439,3 +439,29 @@ fn persistent_dirty_bitmaps() {
         assert!(err.to_string().contains("nope"), "{err}");
     }
 }
+
+#[test]
+fn relative_backing_name_with_directory() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("images")).unwrap();
+    std::fs::create_dir(d.join("images/base")).unwrap();
+    let base = create(d, "images/base/disk.qcow2", "1M", &[]);
+    qemu_io(&base, "qcow2", &["write -P 0xe0 0 64k"]);
+    // Relative to the directory of the image that names it, not to the working directory.
+    let top = create(
+        d,
+        "images/top.qcow2",
+        "1M",
+        &["-b", "base/disk.qcow2", "-F", "qcow2"],
+    );
+    qemu_io(&top, "qcow2", &["write -P 0xe1 4096 4096"]);
+    let img = check_against_qemu(&top, d, &OpenOptions::default());
+    assert_eq!(img.backing_file(), Some("base/disk.qcow2"));
+}
+
+#[test]
+fn image_is_shareable_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Image>();
+}
