@@ -34,7 +34,8 @@ fn kind_of(err: &Qcow2Error) -> ErrorKind {
 fn disk_error(name: &str, op: Op, err: Qcow2Error) -> DiskError {
     let mut e = DiskError::new(name, op, kind_of(&err), err.to_string());
     e.errno = err.source.as_ref().and_then(|s| s.raw_os_error());
-    e.source = Some(Arc::new(err));
+    // No source: the message already holds the image error's text and its cause, which
+    // would print twice in an error chain.
     e
 }
 

@@ -11,5 +11,5 @@ mod open;
 mod spec;
 
 pub use error::Error;
-pub use open::{HttpSettings, NbdOptions, OpenOptions, Opened, Role, open};
+pub use open::{Format, HttpSettings, NbdOptions, OpenOptions, Opened, Role, open};
 pub use spec::{Spec, extract_commands};

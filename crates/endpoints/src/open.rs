@@ -10,6 +10,7 @@ use disk::file::FileEndpoint;
 use disk::nbd::NbdEndpoint;
 use disk::null::NullEndpoint;
 use disk::pipe::PipeEndpoint;
+use disk::qcow2::Qcow2Endpoint;
 use disk::retry::RetryPolicy;
 use disk::subprocess::SubprocessEndpoint;
 use disk::{DiskError, Endpoint, Op};
@@ -133,6 +134,49 @@ impl Default for HttpSettings {
     }
 }
 
+/// How a source file's bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// As they are (nbdcopy's and the default: a qcow2 file is copied as its bytes).
+    #[default]
+    Raw,
+    /// As the disk a qcow2 image holds, its backing chain followed as qemu-img follows it.
+    Qcow2,
+    /// qcow2 when the file starts with qcow2's magic, raw otherwise. A probed image is never
+    /// allowed a backing file: a raw disk whose guest wrote a qcow2 header at its start must not
+    /// make ferry open files the user did not name (qemu's probing did, CVE-2008-2004). Such an
+    /// image needs `qcow2` said explicitly.
+    Auto,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "auto" => Ok(Format::Auto),
+            _ => Err(format!("'{s}': expecting raw, qcow2 or auto")),
+        }
+    }
+}
+
+/// qcow2's magic, the first four bytes of every image.
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Does the file start with qcow2's magic?
+fn looks_like_qcow2(path: &Path) -> Result<bool, DiskError> {
+    use std::io::Read;
+    let name = path.display().to_string();
+    let mut f = std::fs::File::open(path).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
+    let mut magic = [0u8; 4];
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == QCOW2_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(DiskError::from_io(&name, Op::Open, &e)),
+    }
+}
+
 /// Everything a command says about how to open its endpoints.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -152,6 +196,8 @@ pub struct OpenOptions {
     pub extents: bool,
     /// How requests of NBD and HTTP endpoints that fail on the way are sent again.
     pub retry: RetryPolicy,
+    /// How a source that is a local file or block device is read.
+    pub src_format: Format,
 }
 
 impl Default for OpenOptions {
@@ -165,6 +211,7 @@ impl Default for OpenOptions {
             existing_destination: false,
             extents: true,
             retry: RetryPolicy::default(),
+            src_format: Format::Raw,
         }
     }
 }
@@ -274,7 +321,21 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
         return Ok(Arc::new(PipeEndpoint::from_file(&name, file, source)));
     }
     Ok(match role {
-        Role::Source => Arc::new(FileEndpoint::open_source(path, opts.direct)?),
+        Role::Source => match opts.src_format {
+            Format::Qcow2 => Arc::new(Qcow2Endpoint::open(path, true)?),
+            Format::Auto if looks_like_qcow2(path)? => {
+                Arc::new(Qcow2Endpoint::open(path, false).map_err(|mut e| {
+                    if e.cause.contains("backing") {
+                        e.cause.push_str(
+                            " (a probed image may not name other files; \
+                             --src-format qcow2 follows its backing chain)",
+                        );
+                    }
+                    e
+                })?)
+            }
+            Format::Raw | Format::Auto => Arc::new(FileEndpoint::open_source(path, opts.direct)?),
+        },
         // The previous copy is updated in place: never truncated.
         Role::Destination { .. } if opts.incremental || opts.existing_destination => {
             Arc::new(FileEndpoint::open_existing(path, opts.direct)?)

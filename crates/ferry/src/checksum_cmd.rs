@@ -35,6 +35,11 @@ const CONNECTIONS: usize = 4;
 )]
 pub struct ChecksumArgs {
     pub endpoint: String,
+    /// How a local file or block device is read: `raw` (its bytes, the default), `qcow2`
+    /// (the disk it holds, backing files followed) or `auto` (qcow2 by its magic, without
+    /// backing files).
+    #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = crate::copy_cmd::parse_format)]
+    pub src_format: endpoints::Format,
     /// Hash algorithm (default: blake2b for imageio, sha256 for blkhash).
     #[arg(long, value_name = "A")]
     pub algorithm: Option<String>,
@@ -151,5 +156,6 @@ async fn open(args: &ChecksumArgs) -> Result<Opened, Failure> {
     }
     let mut opts = read_options(&args.nbd, &args.http, CONNECTIONS);
     opts.extents = !args.no_extents;
+    opts.src_format = args.src_format;
     crate::endpoint::open(&target, Role::Source, &opts).await
 }

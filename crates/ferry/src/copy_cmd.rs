@@ -74,6 +74,11 @@ pub struct CopyArgs {
     /// O_DIRECT for local files and block devices.
     #[arg(long)]
     pub direct: bool,
+    /// How a local file or block device is read: `raw` (its bytes, the default), `qcow2`
+    /// (the disk it holds, backing files followed) or `auto` (qcow2 by its magic, without
+    /// backing files).
+    #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = parse_format)]
+    pub src_format: endpoints::Format,
     /// Print what was chosen and what was done.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -133,6 +138,10 @@ fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
 
 /// How the copy's endpoints are opened: the flags, with `-R`'s requests in flight kept on
 /// each NBD connection (twice over, so replies never wait for the next request to be sent).
+pub fn parse_format(s: &str) -> Result<endpoints::Format, String> {
+    s.parse()
+}
+
 fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
     let mut nbd = args.nbd.options();
     nbd.max_in_flight = Some((args.requests as usize).max(1) * 2);
@@ -151,6 +160,7 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
         existing_destination: args.resume.as_deref().is_some_and(Path::exists),
         extents: !args.no_extents,
         retry: args.http.retry(),
+        src_format: args.src_format,
     }
 }
 

@@ -17,6 +17,11 @@ use crate::{Failure, usage};
 pub struct InfoArgs {
     /// NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://) or a local file or block device.
     pub target: String,
+    /// How a local file or block device is read: `raw` (its bytes, the default), `qcow2`
+    /// (the disk it holds, backing files followed) or `auto` (qcow2 by its magic, without
+    /// backing files).
+    #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = crate::copy_cmd::parse_format)]
+    pub src_format: endpoints::Format,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -62,6 +67,11 @@ pub async fn run(args: InfoArgs) -> Result<(), Failure> {
             conn.disconnect().await;
             Ok(())
         }
+        Spec::Path(path) if crate::map::qcow2_source(path, args.src_format)? => {
+            let image = crate::map::open_qcow2(path, args.src_format)?;
+            print_qcow2(&path.display().to_string(), &image, args.json);
+            Ok(())
+        }
         Spec::Path(path) => {
             if args.list {
                 return Err(usage("--list needs an NBD URI"));
@@ -79,6 +89,34 @@ pub async fn run(args: InfoArgs) -> Result<(), Failure> {
             "{}: info describes an NBD export, an http(s) URL or a local file",
             args.target
         ))),
+    }
+}
+
+fn print_qcow2(name: &str, image: &qcow2::Image, json: bool) {
+    let compression = format!("{:?}", image.compression()).to_lowercase();
+    if json {
+        let doc = json!({
+            "file": name,
+            "format": "qcow2",
+            "size": image.size(),
+            "version": image.version(),
+            "cluster_size": image.cluster_size(),
+            "extended_l2": image.extended_l2(),
+            "compression": compression,
+            "backing_file": image.backing_file(),
+            "chain_length": image.chain_len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+        return;
+    }
+    println!("file: {name}");
+    println!("format: qcow2 (version {})", image.version());
+    println!("size: {} ({})", image.size(), units::size(image.size()));
+    println!("cluster size: {}", image.cluster_size());
+    println!("extended L2: {}", image.extended_l2());
+    println!("compression: {compression}");
+    if let Some(b) = image.backing_file() {
+        println!("backing file: {b} (chain of {})", image.chain_len());
     }
 }
 

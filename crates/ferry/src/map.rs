@@ -22,6 +22,11 @@ const WINDOW: u64 = 8 << 30;
 pub struct MapArgs {
     /// NBD URI or a local file or block device.
     pub target: String,
+    /// How a local file or block device is read: `raw` (its bytes, the default), `qcow2`
+    /// (the disk it holds, backing files followed) or `auto` (qcow2 by its magic, without
+    /// backing files).
+    #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = crate::copy_cmd::parse_format)]
+    pub src_format: endpoints::Format,
     /// Print a JSON list of {"offset","length","type","description"} objects.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +144,9 @@ pub async fn run(args: MapArgs) -> Result<(), Failure> {
     match &target {
         Spec::Nbd(uri) => map_nbd(uri, &args, &mut printer).await?,
         Spec::Http(url) => map_http(&target, url, &args, &mut printer).await?,
+        Spec::Path(path) if qcow2_source(path, args.src_format)? => {
+            map_qcow2(path, args.src_format, &args.context, &mut printer)?;
+        }
         Spec::Path(path) => {
             if args.context != CONTEXT_BASE_ALLOCATION {
                 return Err(usage(format!(
@@ -280,6 +288,76 @@ fn allocation_row(e: &disk::Extent) -> Row {
         length: e.length,
         kind,
     }
+}
+
+/// Is `path` to be read as qcow2 under `format`?
+pub fn qcow2_source(path: &std::path::Path, format: endpoints::Format) -> Result<bool, Failure> {
+    use std::io::Read;
+    Ok(match format {
+        endpoints::Format::Raw => false,
+        endpoints::Format::Qcow2 => true,
+        endpoints::Format::Auto => {
+            let mut magic = [0u8; 4];
+            let mut f =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            f.read_exact(&mut magic).is_ok() && &magic == b"QFI\xfb"
+        }
+    })
+}
+
+/// Opens a qcow2 image for `info` and `map`: with its backing chain only when the user said
+/// qcow2 (a probed image may not name other files).
+pub fn open_qcow2(
+    path: &std::path::Path,
+    format: endpoints::Format,
+) -> Result<qcow2::Image, Failure> {
+    let opts = qcow2::OpenOptions {
+        follow_backing: format == endpoints::Format::Qcow2,
+        ..qcow2::OpenOptions::default()
+    };
+    Ok(qcow2::Image::open(path, &opts)?)
+}
+
+/// The guest view's extents from a qcow2 image's tables: `base:allocation` (data, zero, and
+/// holes where no image of the chain allocates) or `qemu:allocation-depth` (0 unallocated, 1
+/// the image itself, 2 its backing file, ...), as qemu-nbd serves them.
+fn map_qcow2(
+    path: &std::path::Path,
+    format: endpoints::Format,
+    context: &str,
+    printer: &mut Printer<'_>,
+) -> Result<(), Failure> {
+    let depth = match context {
+        CONTEXT_BASE_ALLOCATION => false,
+        CONTEXT_ALLOCATION_DEPTH => true,
+        other => {
+            return Err(usage(format!(
+                "a qcow2 image has the {CONTEXT_BASE_ALLOCATION} and \
+                 {CONTEXT_ALLOCATION_DEPTH} contexts, not {other}"
+            )));
+        }
+    };
+    let image = open_qcow2(path, format)?;
+    let size = image.size();
+    let mut offset = 0;
+    while offset < size {
+        let len = WINDOW.min(size - offset);
+        for e in image.extents(offset, len)? {
+            let kind = match (depth, e.kind) {
+                (false, qcow2::ExtentKind::Data) => 0,
+                (false, _) => u64::from(STATE_HOLE | STATE_ZERO),
+                (true, qcow2::ExtentKind::Unallocated) => 0,
+                (true, _) => u64::from(e.depth) + 1,
+            };
+            printer.push(Row {
+                offset: e.offset,
+                length: e.length,
+                kind,
+            })?;
+        }
+        offset += len;
+    }
+    Ok(())
 }
 
 fn map_file(path: &std::path::Path, printer: &mut Printer<'_>) -> Result<(), Failure> {
