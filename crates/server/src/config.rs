@@ -15,6 +15,7 @@
 //! reap_grace = 600        # seconds after expiry before a ticket is removed
 //! buffer_size = 4194304   # bytes per backend request
 //! queue_depth = 4         # backend requests in flight per HTTP request
+//! buffer_memory = "512M"  # image data all transfers together may hold in buffers
 //! bwlimit = "1G"          # bytes per second for all transfers together, in equal shares
 //! ticket_bwlimit = "100M" # bytes per second for each ticket without its own "bwlimit"
 //! drain_timeout = 30      # seconds requests in progress get to finish on SIGTERM
@@ -44,6 +45,7 @@ pub struct FileConfig {
     pub reap_interval: Option<f64>,
     pub buffer_size: Option<u64>,
     pub queue_depth: Option<usize>,
+    pub buffer_memory: Option<Rate>,
     pub bwlimit: Option<Rate>,
     pub ticket_bwlimit: Option<Rate>,
     pub drain_timeout: Option<f64>,
@@ -116,6 +118,13 @@ impl FileConfig {
             if let Some(Err(e)) = rate.as_ref().map(Rate::bytes) {
                 return Err(format!("{name}: {e}").into());
             }
+        }
+        match cfg.buffer_memory.as_ref().map(Rate::bytes) {
+            Some(Err(e)) => return Err(format!("buffer_memory: {e}").into()),
+            Some(Ok(n)) if n < (4 << 20) => {
+                return Err("buffer_memory: expecting at least 4M".into());
+            }
+            _ => {}
         }
         if cfg.queue_depth.is_some_and(|d| !(1..=64).contains(&d)) {
             return Err("queue_depth: expecting 1 to 64".into());

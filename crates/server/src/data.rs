@@ -38,13 +38,21 @@ pub struct Tuning {
     pub chunk: u64,
     /// Backend requests in flight per HTTP request.
     pub depth: usize,
+    /// Bytes of image data all transfers together may hold in buffers (read ahead for
+    /// downloads, received and not yet written for uploads). Transfers wait for their share in
+    /// turn, so the server's memory stays bounded however many run.
+    pub memory: u64,
 }
+
+/// Default of [`Tuning::memory`]: 128 chunks of 4 MiB.
+pub const DEFAULT_BUFFER_MEMORY: u64 = 512 << 20;
 
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             chunk: 4 << 20,
             depth: 4,
+            memory: DEFAULT_BUFFER_MEMORY,
         }
     }
 }
@@ -58,6 +66,38 @@ pub struct DataApi {
     pub tuning: Tuning,
     /// Where tickets are also served over NBD, advertised in OPTIONS (`nbd_url`).
     pub nbd_url: Option<crate::server::NbdUrl>,
+    /// The data path's buffer budget, one permit a byte ([`Tuning::memory`]), shared by the
+    /// remote and local services.
+    pub memory: Arc<tokio::sync::Semaphore>,
+}
+
+/// A buffer that holds its share of the memory budget until the last user drops it (for a
+/// download frame: once hyper has written it).
+struct Budgeted {
+    data: Bytes,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl DataApi {
+    /// Waits for `n` bytes of the buffer budget (all of it if `n` is more).
+    pub(crate) async fn reserve(
+        memory: &Arc<tokio::sync::Semaphore>,
+        total: u64,
+        n: u64,
+    ) -> tokio::sync::OwnedSemaphorePermit {
+        let n = n.clamp(1, total.clamp(1, u32::MAX as u64)) as u32;
+        memory
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("the budget is never closed")
+    }
 }
 
 /// What OPTIONS answers to a CORS preflight: the reference's `OPTIONS,GET,PUT` plus PATCH,
@@ -368,6 +408,7 @@ impl DataApi {
             let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
             Response::new(download(
                 backend,
+                self.memory.clone(),
                 self.store.metrics.clone(),
                 op,
                 ctx.busy(),
@@ -465,6 +506,7 @@ impl DataApi {
 /// cut the response short and close the connection.
 fn download(
     backend: Arc<Backend>,
+    memory: Arc<tokio::sync::Semaphore>,
     metrics: Arc<crate::metrics::Metrics>,
     op: crate::store::OpGuard,
     busy: crate::conn::BusyGuard,
@@ -488,8 +530,17 @@ fn download(
             let ticket = ticket.clone();
             let flow = flow.clone();
             let metrics = metrics.clone();
+            let memory = memory.clone();
             tracing::Instrument::instrument(
                 async move {
+                    // The read's buffer is budgeted before it exists; pieces of one download
+                    // queue in order, so the first is always served first.
+                    let permit = tokio::select! {
+                        p = DataApi::reserve(&memory, tuning.memory, len) => p,
+                        _ = ticket.cancelled() => {
+                            return Err(format!("Transfer={} was canceled", ticket.label()).into());
+                        }
+                    };
                     // Bytes are counted before they are read: the backend is paced too.
                     let waiting = std::time::Instant::now();
                     tokio::select! {
@@ -516,7 +567,10 @@ fn download(
                             format!("short read at offset {off}: {} of {len}", data.len()).into(),
                         );
                     }
-                    Ok::<Bytes, BoxError>(data)
+                    Ok::<Bytes, BoxError>(Bytes::from_owner(Budgeted {
+                        data,
+                        _permit: permit,
+                    }))
                 },
                 read_span.clone(),
             )

@@ -313,6 +313,11 @@ impl Server {
                 nbd_config(true),
             )));
         }
+        let memory = Arc::new(tokio::sync::Semaphore::new(
+            cfg.tuning
+                .memory
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+        ));
         let data = |serves_info: bool| -> Arc<dyn Handler> {
             Arc::new(DataApi {
                 store: store.clone(),
@@ -320,6 +325,7 @@ impl Server {
                 serves_info,
                 tuning: cfg.tuning,
                 nbd_url: nbd_url.clone(),
+                memory: memory.clone(),
             })
         };
         tasks.push(tokio::spawn(accept_tcp(
@@ -461,6 +467,7 @@ impl Server {
             ("reap_interval", old.reap_interval != cfg.reap_interval),
             ("buffer_size", old.tuning.chunk != cfg.tuning.chunk),
             ("queue_depth", old.tuning.depth != cfg.tuning.depth),
+            ("buffer_memory", old.tuning.memory != cfg.tuning.memory),
         ] {
             if changed {
                 pending.push(name);

@@ -136,7 +136,12 @@ pub(crate) async fn put(
     let mut body_done = false;
     // Bytes of the last frame waiting for the ticket's bandwidth limit: no more of the body is
     // read until they are granted, so the client is slowed by TCP's own flow control.
-    let mut throttle: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = None;
+    let mut throttle: Option<
+        Pin<Box<dyn std::future::Future<Output = tokio::sync::OwnedSemaphorePermit> + Send>>,
+    > = None;
+    // The buffer budget held for bytes received and not yet written; each completed write
+    // gives its bytes back.
+    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
 
     // Zero blocks in the body are zeroed rather than written where that is cheaper or wanted:
     // clients that stream whole data runs (imageio's own client) send the zeroes inside them
@@ -182,6 +187,13 @@ pub(crate) async fn put(
                     // complete out of order, and a failed upload reports only what was
                     // written.
                     in_flight -= n;
+                    if let Some(held) = budget.as_mut() {
+                        if (held.num_permits() as u64) <= n {
+                            budget = None;
+                        } else {
+                            drop(held.split(n as usize));
+                        }
+                    }
                     op.completed(at, n)
                 }
                 Err(e) => {
@@ -191,8 +203,12 @@ pub(crate) async fn put(
                     body_done = true;
                 }
             },
-            _ = async { throttle.as_mut().expect("checked").await }, if throttle.is_some() => {
+            granted = async { throttle.as_mut().expect("checked").await }, if throttle.is_some() => {
                 throttle = None;
+                match budget.as_mut() {
+                    Some(held) => held.merge(granted),
+                    None => budget = Some(granted),
+                }
             }
             _ = ticket.cancelled(), if !body_done => {
                 failure = Some(HttpError::forbidden(&crate::store::Forbidden(format!(
@@ -242,10 +258,14 @@ pub(crate) async fn put(
                 let flow = ticket.flow.clone();
                 let n = data.len() as u64;
                 let metrics = api.store.metrics.clone();
+                let (memory, total) = (api.memory.clone(), api.tuning.memory);
+                // No more of the body is read until this frame's bytes fit in the budget.
                 throttle = Some(Box::pin(async move {
+                    let permit = DataApi::reserve(&memory, total, n).await;
                     let waiting = std::time::Instant::now();
                     flow.acquire(n).await;
                     crate::metrics::count_wait(&metrics, waiting);
+                    permit
                 }));
                 if offset + received > limit {
                     failure = Some(HttpError::range(
