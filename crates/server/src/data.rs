@@ -406,16 +406,7 @@ impl DataApi {
             Response::new(empty_body())
         } else {
             let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
-            Response::new(download(
-                backend,
-                self.memory.clone(),
-                self.store.metrics.clone(),
-                op,
-                ctx.busy(),
-                offset,
-                length,
-                self.tuning,
-            ))
+            Response::new(download(backend, self, op, ctx.busy(), offset, length))
         };
         if partial {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -506,14 +497,13 @@ impl DataApi {
 /// cut the response short and close the connection.
 fn download(
     backend: Arc<Backend>,
-    memory: Arc<tokio::sync::Semaphore>,
-    metrics: Arc<crate::metrics::Metrics>,
+    api: &DataApi,
     op: crate::store::OpGuard,
     busy: crate::conn::BusyGuard,
     offset: u64,
     length: u64,
-    tuning: Tuning,
 ) -> Body {
+    let (memory, metrics, tuning) = (api.memory.clone(), api.store.metrics.clone(), api.tuning);
     let ticket = op.ticket().clone();
     let flow = ticket.flow.clone();
     let chunk = tuning.chunk.min(backend.max_request()).max(1);
