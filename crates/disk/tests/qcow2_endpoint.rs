@@ -15,7 +15,13 @@ fn run(cmd: &str, args: &[&str]) -> String {
         "{cmd} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // qemu-io exits 0 even when a command fails: its output tells.
+    assert!(
+        cmd != "qemu-io" || !(stdout.contains("failed") || stdout.contains("error")),
+        "{cmd} {args:?}: {stdout}"
+    );
+    stdout
 }
 
 fn s(p: &Path) -> &str {

@@ -12,7 +12,7 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (install qemu-utils): {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}{}",
@@ -38,7 +38,13 @@ pub fn qemu_io(image: &Path, format: &str, cmds: &[&str]) {
         args.push(c);
     }
     args.push(p(image));
-    run("qemu-io", &args);
+    // qemu-io exits 0 even when a command fails: its output tells.
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?} on {}: {out}",
+        image.display()
+    );
 }
 
 pub fn create(dir: &Path, name: &str, size: &str, opts: &[&str]) -> PathBuf {
