@@ -204,35 +204,66 @@ enum Piece {
     Unallocated,
 }
 
-/// A few L2 tables, least recently used evicted: memory stays bounded whatever the image size.
+/// A bounded set of L2 tables, so memory stays bounded whatever the image size. Eviction is
+/// CLOCK (second chance): constant work per miss even with tens of thousands of small tables.
 struct L2Cache {
     capacity: usize,
-    tick: u64,
-    tables: HashMap<u64, (Arc<[u64]>, u64)>,
+    slots: Vec<CacheSlot>,
+    index: HashMap<u64, usize>,
+    hand: usize,
+}
+
+struct CacheSlot {
+    offset: u64,
+    table: Arc<[u64]>,
+    referenced: bool,
 }
 
 impl L2Cache {
+    fn new(capacity: usize) -> Self {
+        L2Cache {
+            capacity: capacity.max(1),
+            slots: Vec::new(),
+            index: HashMap::new(),
+            hand: 0,
+        }
+    }
+
     fn get(&mut self, offset: u64) -> Option<Arc<[u64]>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.tables.get_mut(&offset).map(|(t, used)| {
-            *used = tick;
-            t.clone()
-        })
+        let &i = self.index.get(&offset)?;
+        let slot = &mut self.slots[i];
+        slot.referenced = true;
+        Some(slot.table.clone())
     }
 
     fn insert(&mut self, offset: u64, table: Arc<[u64]>) {
-        if self.tables.len() >= self.capacity
-            && let Some(oldest) = self
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| *k)
-        {
-            self.tables.remove(&oldest);
+        if self.index.contains_key(&offset) {
+            // Another thread loaded it meanwhile.
+            return;
         }
-        self.tick += 1;
-        self.tables.insert(offset, (table, self.tick));
+        let slot = CacheSlot {
+            offset,
+            table,
+            referenced: false,
+        };
+        if self.slots.len() < self.capacity {
+            self.index.insert(offset, self.slots.len());
+            self.slots.push(slot);
+            return;
+        }
+        // Each pass clears the referenced bits it skips, so this ends within two turns.
+        loop {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            if self.slots[i].referenced {
+                self.slots[i].referenced = false;
+                continue;
+            }
+            self.index.remove(&self.slots[i].offset);
+            self.index.insert(offset, i);
+            self.slots[i] = slot;
+            return;
+        }
     }
 }
 
@@ -356,11 +387,7 @@ impl Image {
             l2_bits,
             extended,
             l1,
-            cache: Mutex::new(L2Cache {
-                capacity,
-                tick: 0,
-                tables: HashMap::new(),
-            }),
+            cache: Mutex::new(L2Cache::new(capacity)),
             last_compressed: Mutex::new(None),
             backing: None,
         };
@@ -924,4 +951,61 @@ fn unzstd(input: &[u8], cluster_size: usize) -> std::result::Result<Vec<u8>, Str
         return Err("data expands past one cluster".into());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_stays_bounded_and_keeps_recently_used_tables() {
+        let mut c = L2Cache::new(3);
+        let t = |n: u64| -> Arc<[u64]> { vec![n; 4].into() };
+        for off in [1, 2, 3] {
+            c.insert(off, t(off));
+        }
+        assert!(c.get(1).is_some());
+        c.insert(4, t(4));
+        assert_eq!(c.slots.len(), 3);
+        assert_eq!(c.index.len(), 3);
+        assert!(
+            c.get(1).is_some(),
+            "a referenced table gets a second chance"
+        );
+        assert!(c.get(2).is_none());
+        assert_eq!(c.get(4).unwrap()[0], 4);
+        for off in 10..1000 {
+            c.insert(off, t(off));
+            assert_eq!(c.get(off).unwrap()[0], off);
+        }
+        assert_eq!(c.slots.len(), 3);
+        assert_eq!(c.index.len(), 3);
+        for (i, s) in c.slots.iter().enumerate() {
+            assert_eq!(c.index[&s.offset], i);
+        }
+    }
+
+    #[test]
+    fn backing_names_resolve_like_qemu() {
+        assert_eq!(
+            resolve_backing("dir/top.qcow2", "base.qcow2"),
+            Path::new("dir/base.qcow2")
+        );
+        assert_eq!(
+            resolve_backing("top.qcow2", "base.qcow2"),
+            Path::new("base.qcow2")
+        );
+        assert_eq!(
+            resolve_backing("/a/b/top", "../c/base"),
+            Path::new("/a/b/../c/base")
+        );
+        assert_eq!(
+            resolve_backing("dir/top", "/abs/base"),
+            Path::new("/abs/base")
+        );
+        assert!(is_protocol("nbd://host/x"));
+        assert!(is_protocol("json:{}"));
+        assert!(!is_protocol("dir/a:b"));
+        assert!(!is_protocol("plain"));
+    }
 }
