@@ -373,8 +373,6 @@ impl Image {
             ));
         }
         let l2_bits = cluster_bits - if extended { 4 } else { 3 };
-        let _dirty = header.incompatible & INCOMPAT_DIRTY != 0; // Only refcounts may be stale.
-
         let l1 = Image::load_l1(path, storage.as_ref(), file_len, &header, l2_bits)?;
         let capacity = (opts.l2_cache_bytes as u64 / cluster_size).max(1) as usize;
 
@@ -559,6 +557,12 @@ impl Image {
 
     pub fn version(&self) -> u32 {
         self.header.version
+    }
+
+    /// Left open by a writer (dirty bit): only refcounts can be stale, which a reader never
+    /// uses, so the guest view is still right.
+    pub fn dirty(&self) -> bool {
+        self.header.incompatible & INCOMPAT_DIRTY != 0
     }
 
     pub fn extended_l2(&self) -> bool {

@@ -263,6 +263,7 @@ fn corrupt_bit_is_refused_dirty_bit_is_not() {
     let incompat = be64(&std::fs::read(&img).unwrap(), 72);
     patch(&img, 72, &(incompat | 1).to_be_bytes());
     let opened = Image::open(&img, &OpenOptions::default()).unwrap();
+    assert!(opened.dirty());
     assert_same(&read_all(&opened).unwrap(), &expected, "dirty image");
     patch(&img, 72, &(incompat | 2).to_be_bytes());
     let err = open_err(&img);
