@@ -465,3 +465,34 @@ fn image_is_shareable_between_threads() {
     fn shareable<T: Send + Sync>() {}
     shareable::<Image>();
 }
+
+#[test]
+fn many_tib_image_maps_quickly_with_bounded_memory() {
+    let dir = TempDir::new().unwrap();
+    let img = create(dir.path(), "huge.qcow2", "16T", &[]);
+    let at = 10u64 << 40;
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            &format!("write -P 0x77 {at} 65536"),
+            "write -P 0x78 1M 4096",
+        ],
+    );
+    let opened = Image::open(
+        &img,
+        &OpenOptions {
+            l2_cache_bytes: 1 << 20,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(opened.size(), 16 << 40);
+    let ours = opened.extents(0, opened.size()).unwrap();
+    assert_eq!(ours, qemu_map(&img));
+    let mut buf = vec![0u8; 3 * 65536];
+    opened.read_at(&mut buf, at - 65536).unwrap();
+    assert!(buf[..65536].iter().all(|&b| b == 0));
+    assert!(buf[65536..131072].iter().all(|&b| b == 0x77));
+    assert!(buf[131072..].iter().all(|&b| b == 0));
+}
