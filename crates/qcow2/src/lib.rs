@@ -1,13 +1,15 @@
-//! Read-only access to qcow2 disk images, as qemu writes them.
+//! qcow2 disk images: reading them as qemu writes them, and writing new ones.
 //!
 //! This crate owns the qcow2 format for ferry: parsing the header and its extensions, the
 //! L1/L2 cluster tables (standard and extended, with subclusters), compressed clusters (zlib
 //! and zstd), backing chains (raw or qcow2 backing files), and persistent dirty bitmaps. It
 //! serves the guest view ([`Image::read_at`]), the allocation map with qemu's allocation depth
-//! ([`Image::extents`]) and the dirty ranges of a bitmap ([`Image::bitmap_dirty`]). It never
-//! writes. Every value read from the image is checked before it is used: a corrupt or hostile
-//! image gives a [`Qcow2Error`] naming the file and the offset, never a panic, a hang or an
-//! allocation larger than the file or a fixed cap.
+//! ([`Image::extents`]) and the dirty ranges of a bitmap ([`Image::bitmap_dirty`]). The reader
+//! never writes; new images are written by the `writer` module ([`StreamPlan`]: one sequential
+//! pass with the metadata first, so the destination can be a pipe; [`CompressedWriter`] for
+//! compressed images on a seekable file). Every value read from the image is checked before it
+//! is used: a corrupt or hostile image gives a [`Qcow2Error`] naming the file and the offset,
+//! never a panic, a hang or an allocation larger than the file or a fixed cap.
 //!
 //! Reads are positional ([`Storage::read_at`]), so one [`Image`] is `Sync` and serves many
 //! threads at once; the only shared state is a bounded L2 table cache behind a mutex held just
@@ -36,6 +38,7 @@ mod bitmap;
 mod error;
 mod header;
 mod storage;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +48,7 @@ pub use bitmap::Bitmap;
 pub use error::{ErrorKind, Qcow2Error, Result};
 pub use header::Compression;
 pub use storage::Storage;
+pub use writer::{CompressedWriter, StreamPlan, StreamWriter};
 
 use header::{Header, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, read_exact};
 

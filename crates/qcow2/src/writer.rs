@@ -1,0 +1,797 @@
+//! Writing qcow2 v3 images: a one-pass streaming writer, and a seekable writer for compressed
+//! images.
+//!
+//! This module owns everything the crate writes: the header, the L1 and L2 tables, the
+//! refcount table and blocks (16-bit refcounts, `refcount_order` 4) and the data clusters. It
+//! writes new images only (no backing file, no snapshots, no bitmaps); clusters that hold no
+//! data are left unallocated, which reads as zeroes.
+//!
+//! # Streaming layout ([`StreamPlan`], [`StreamWriter`])
+//! Host clusters, in file order:
+//!
+//! ```text
+//! | header | refcount table | refcount blocks | L1 table | L2 tables | data clusters |
+//! ```
+//!
+//! The caller says up front which guest ranges hold data. That fixes everything else: the
+//! k-th data cluster in guest order lives at `data_start + k * cluster_size`, so each L2 entry
+//! is known before any data is seen; the number of host clusters is known, so the refcount
+//! blocks (every cluster has refcount 1) are known too, once the small fixed point "refcount
+//! blocks must also count themselves and the refcount table" is solved. All metadata can
+//! therefore be written first and the data after it, in one sequential pass with no seek: the
+//! destination can be a pipe or a socket. Memory stays small whatever the image size: the
+//! tables are generated a cluster at a time while they are written, from the list of ranges.
+//!
+//! # Compressed layout ([`CompressedWriter`])
+//! A compressed cluster's size is known only after compressing it, so the host offsets the
+//! L2 entries hold cannot be known before the data is: metadata-first is impossible. The
+//! compressed writer therefore needs a seekable destination (a regular file). It writes
+//!
+//! ```text
+//! | header (written last) | data of L1 entry i, then its L2 table | ... | L1 | refcount table | refcount blocks |
+//! ```
+//!
+//! Clusters are compressed in batches on all cores (rayon) and written in guest order;
+//! compressed clusters are packed at byte granularity, and a cluster that does not shrink is
+//! stored uncompressed at a cluster boundary. The header is written at the end, with a seek to
+//! offset 0. Memory: one batch of clusters, one L2 table, the L1 table and 2 bytes of refcount
+//! per host cluster.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::error::{ErrorKind, Qcow2Error, Result};
+use crate::header::{Compression, INCOMPAT_COMPRESSION, MAGIC};
+use crate::{L2_COMPRESSED, MAX_L1_BYTES};
+
+/// Name used in errors: the destination may be a pipe with no path.
+const OUT: &str = "qcow2 output";
+/// qemu refuses refcount tables larger than this.
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// "Refcount is exactly one": set on L1 and L2 entries of clusters this writer allocates once.
+const COPIED: u64 = 1 << 63;
+/// Header length: the v3 fields plus the compression type byte, padded to 8.
+const HEADER_LEN: usize = 112;
+
+fn invalid(msg: String) -> Qcow2Error {
+    Qcow2Error::new(OUT, ErrorKind::InvalidArgument, msg)
+}
+
+fn io_err(pos: u64, what: &str, e: std::io::Error) -> Qcow2Error {
+    Qcow2Error::io(OUT, Some(pos), what, e)
+}
+
+/// A run of planned data clusters: guest clusters `first..first + count`.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first: u64,
+    count: u64,
+}
+
+/// The layout of a streamed image, computed from its virtual size, cluster size and the guest
+/// ranges that hold data.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
+    size: u64,
+    cluster_bits: u32,
+    runs: Vec<Run>,
+    data_clusters: u64,
+    l1_size: u64,
+    l1_clusters: u64,
+    l2_tables: u64,
+    rt_clusters: u64,
+    rb_count: u64,
+    total_clusters: u64,
+}
+
+impl StreamPlan {
+    /// Plans an image of `virtual_size` bytes (a multiple of 512) with clusters of `cluster_size` bytes (a power of
+    /// two, 512 B to 2 MiB) whose data is in `data_ranges`: byte ranges of the guest, in
+    /// increasing order, not overlapping, inside the virtual size. Each range is rounded out to
+    /// whole clusters; ranges that then share a cluster share it.
+    pub fn new(virtual_size: u64, cluster_size: u64, data_ranges: &[Range<u64>]) -> Result<Self> {
+        if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+            return Err(invalid(format!(
+                "cluster size {cluster_size} is not a power of two from 512 to 2 MiB"
+            )));
+        }
+        if !virtual_size.is_multiple_of(512) {
+            // qemu reads the size in 512-byte sectors, rounding down: the tail would be lost.
+            return Err(invalid(format!(
+                "virtual size {virtual_size} is not a multiple of 512"
+            )));
+        }
+        let cluster_bits = cluster_size.trailing_zeros();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut prev_end = 0u64;
+        for r in data_ranges {
+            if r.start > r.end {
+                return Err(invalid(format!("data range {r:?} ends before it starts")));
+            }
+            if r.end > virtual_size {
+                return Err(invalid(format!(
+                    "data range {r:?} is outside the virtual size {virtual_size}"
+                )));
+            }
+            if r.start < prev_end {
+                return Err(invalid(format!(
+                    "data range {r:?} starts before the end of the previous one ({prev_end}): \
+                     ranges must be in increasing order and not overlap"
+                )));
+            }
+            if r.start == r.end {
+                continue;
+            }
+            prev_end = r.end;
+            let first = r.start >> cluster_bits;
+            let end = r.end.div_ceil(cluster_size);
+            match runs.last_mut() {
+                // Touching or sharing a cluster with the previous range: one run.
+                Some(last) if last.first + last.count >= first => {
+                    last.count = end - last.first;
+                }
+                _ => runs.push(Run {
+                    first,
+                    count: end - first,
+                }),
+            }
+        }
+        let data_clusters = runs.iter().map(|r| r.count).sum();
+        let l2_bits = cluster_bits - 3;
+        let l1_size = l1_entries(virtual_size, cluster_bits);
+        check_l1(l1_size)?;
+        let l1_clusters = (l1_size * 8).div_ceil(cluster_size);
+        let mut l2_tables = 0u64;
+        let mut last_l1: Option<u64> = None;
+        for r in &runs {
+            let a = r.first >> l2_bits;
+            let b = (r.first + r.count - 1) >> l2_bits;
+            let from = match last_l1 {
+                Some(l) if l >= a => l + 1,
+                _ => a,
+            };
+            if b >= from {
+                l2_tables += b - from + 1;
+            }
+            last_l1 = Some(b);
+        }
+        let fixed = 1 + l1_clusters + l2_tables + data_clusters;
+        let (rt_clusters, rb_count) = refcount_fixed_point(fixed, cluster_size);
+        if rt_clusters * cluster_size > MAX_REFTABLE_BYTES {
+            return Err(invalid(format!(
+                "the image needs a refcount table of {} bytes, more than qemu accepts ({MAX_REFTABLE_BYTES})",
+                rt_clusters * cluster_size
+            )));
+        }
+        Ok(StreamPlan {
+            size: virtual_size,
+            cluster_bits,
+            runs,
+            data_clusters,
+            l1_size,
+            l1_clusters,
+            l2_tables,
+            rt_clusters,
+            rb_count,
+            total_clusters: fixed + rt_clusters + rb_count,
+        })
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of data clusters the writer expects.
+    pub fn data_clusters(&self) -> u64 {
+        self.data_clusters
+    }
+
+    /// The planned data as cluster-aligned guest byte ranges, merged, in order: the ranges the
+    /// caller must pass to `write_cluster_data`.
+    pub fn planned_ranges(&self) -> Vec<Range<u64>> {
+        let cb = self.cluster_bits;
+        self.runs
+            .iter()
+            .map(|r| (r.first << cb)..((r.first + r.count) << cb))
+            .collect()
+    }
+
+    /// Exact size of the streamed image file.
+    pub fn image_size(&self) -> u64 {
+        self.total_clusters << self.cluster_bits
+    }
+
+    fn rt_start(&self) -> u64 {
+        1
+    }
+    fn rb_start(&self) -> u64 {
+        self.rt_start() + self.rt_clusters
+    }
+    fn l1_start(&self) -> u64 {
+        self.rb_start() + self.rb_count
+    }
+    fn l2_start(&self) -> u64 {
+        self.l1_start() + self.l1_clusters
+    }
+    fn data_start(&self) -> u64 {
+        self.l2_start() + self.l2_tables
+    }
+
+    /// Starts the image on `out`: writes the header and all the tables now, then expects the
+    /// data clusters through [`StreamWriter::write_cluster_data`]. Never seeks.
+    pub fn writer<W: Write>(&self, out: W) -> Result<StreamWriter<'_, W>> {
+        let mut w = StreamWriter {
+            plan: self,
+            out: Counted { inner: out, pos: 0 },
+            cursor: Cursor::default(),
+        };
+        w.write_metadata()?;
+        Ok(w)
+    }
+
+    /// Starts a compressed image on a seekable `out` (see the module documentation for why it
+    /// must seek). The same data clusters are expected as for [`StreamPlan::writer`].
+    pub fn compressed_writer<W: Write + Seek>(
+        &self,
+        out: W,
+        compression: Compression,
+    ) -> Result<CompressedWriter<'_, W>> {
+        CompressedWriter::new(self, out, compression)
+    }
+}
+
+fn l1_entries(size: u64, cluster_bits: u32) -> u64 {
+    let per_l1 = 1u64 << (cluster_bits + cluster_bits - 3);
+    size.div_ceil(per_l1)
+}
+
+fn check_l1(l1_size: u64) -> Result<()> {
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "the image needs an L1 table of {l1_size} entries, more than qemu accepts \
+             ({MAX_L1_BYTES} bytes); use larger clusters"
+        )));
+    }
+    Ok(())
+}
+
+/// Refcount table clusters and refcount blocks needed when `fixed` other clusters are used:
+/// the refcount structures count themselves, so grow both until they cover everything.
+fn refcount_fixed_point(fixed: u64, cluster_size: u64) -> (u64, u64) {
+    let per_block = cluster_size / 2;
+    let (mut rt, mut rb) = (0u64, 0u64);
+    loop {
+        let total = fixed + rt + rb;
+        let nrb = total.div_ceil(per_block);
+        let nrt = (nrb * 8).div_ceil(cluster_size).max(1);
+        if (nrt, nrb) == (rt, rb) {
+            return (rt, rb);
+        }
+        (rt, rb) = (nrt, nrb);
+    }
+}
+
+/// The header cluster's first bytes.
+fn header_bytes(
+    cluster_bits: u32,
+    size: u64,
+    l1_size: u64,
+    l1_offset: u64,
+    rt_offset: u64,
+    rt_clusters: u64,
+    compression: Option<Compression>,
+) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    let put32 = |h: &mut [u8; HEADER_LEN], at: usize, v: u32| {
+        h[at..at + 4].copy_from_slice(&v.to_be_bytes())
+    };
+    let put64 = |h: &mut [u8; HEADER_LEN], at: usize, v: u64| {
+        h[at..at + 8].copy_from_slice(&v.to_be_bytes())
+    };
+    h[..4].copy_from_slice(&MAGIC);
+    put32(&mut h, 4, 3);
+    put32(&mut h, 20, cluster_bits);
+    put64(&mut h, 24, size);
+    put32(&mut h, 36, l1_size as u32);
+    put64(&mut h, 40, l1_offset);
+    put64(&mut h, 48, rt_offset);
+    put32(&mut h, 56, rt_clusters as u32);
+    let zstd = compression == Some(Compression::Zstd);
+    put64(&mut h, 72, if zstd { INCOMPAT_COMPRESSION } else { 0 });
+    put32(&mut h, 96, 4);
+    put32(&mut h, 100, HEADER_LEN as u32);
+    h[104] = u8::from(zstd);
+    // The header extension area that follows is all zeroes: an end marker.
+    h
+}
+
+/// A writer that counts what went through it, so errors name the file offset and `finish`
+/// can check the size against the plan.
+struct Counted<W> {
+    inner: W,
+    pos: u64,
+}
+
+impl<W: Write> Counted<W> {
+    fn put(&mut self, buf: &[u8], what: &str) -> Result<()> {
+        self.inner
+            .write_all(buf)
+            .map_err(|e| io_err(self.pos, &format!("writing {what}"), e))?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn zeroes(&mut self, mut n: u64, what: &str) -> Result<()> {
+        static Z: [u8; 64 << 10] = [0; 64 << 10];
+        while n > 0 {
+            let k = n.min(Z.len() as u64) as usize;
+            self.put(&Z[..k], what)?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a table of big-endian entries one cluster at a time, zero-filling the gaps, so a
+/// sparse table costs one cluster of memory.
+struct TableOut {
+    buf: Vec<u8>,
+    /// Entries already flushed, in bytes.
+    flushed: u64,
+    width: usize,
+}
+
+impl TableOut {
+    fn new(cluster_size: u64, width: usize) -> Self {
+        TableOut {
+            buf: Vec::with_capacity(cluster_size as usize),
+            flushed: 0,
+            width,
+        }
+    }
+
+    fn put<W: Write>(
+        &mut self,
+        out: &mut Counted<W>,
+        index: u64,
+        value: u64,
+        what: &str,
+    ) -> Result<()> {
+        let at = index * self.width as u64;
+        self.fill_to(out, at, what)?;
+        let bytes = value.to_be_bytes();
+        self.buf.extend_from_slice(&bytes[8 - self.width..]);
+        self.flush_full(out, what)
+    }
+
+    fn flush_full<W: Write>(&mut self, out: &mut Counted<W>, what: &str) -> Result<()> {
+        if self.buf.len() == self.buf.capacity() {
+            out.put(&self.buf, what)?;
+            self.flushed += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Zero entries up to byte `at` of the table.
+    fn fill_to<W: Write>(&mut self, out: &mut Counted<W>, at: u64, what: &str) -> Result<()> {
+        let cap = self.buf.capacity() as u64;
+        while self.flushed + (self.buf.len() as u64) < at {
+            let here = self.flushed + self.buf.len() as u64;
+            if self.buf.is_empty() && at - here >= cap {
+                // Whole clusters of zeroes go out without filling the buffer.
+                let n = (at - here) / cap * cap;
+                out.zeroes(n, what)?;
+                self.flushed += n;
+                continue;
+            }
+            let n = (at - here).min(cap - self.buf.len() as u64) as usize;
+            self.buf.resize(self.buf.len() + n, 0);
+            self.flush_full(out, what)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which planned data cluster comes next.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    run: usize,
+    done_in_run: u64,
+}
+
+impl Cursor {
+    /// Accepts a write of `len` bytes at `guest` if it starts at the next planned cluster and
+    /// stays inside its run; returns the number of clusters it covers.
+    fn advance(&mut self, runs: &[Run], cluster_bits: u32, guest: u64, len: u64) -> Result<u64> {
+        let Some(run) = runs.get(self.run) else {
+            return Err(invalid(format!(
+                "write of {len} bytes at guest offset {guest}: all planned data clusters were already written"
+            )));
+        };
+        let next = (run.first + self.done_in_run) << cluster_bits;
+        if guest != next {
+            return Err(invalid(format!(
+                "write at guest offset {guest}, but the next planned data cluster is at {next}"
+            )));
+        }
+        let n = len.div_ceil(1 << cluster_bits);
+        let left = run.count - self.done_in_run;
+        if n > left {
+            return Err(invalid(format!(
+                "write of {len} bytes at guest offset {guest} runs past the planned data range \
+                 ending at {}",
+                (run.first + run.count) << cluster_bits
+            )));
+        }
+        self.done_in_run += n;
+        if self.done_in_run == run.count {
+            self.run += 1;
+            self.done_in_run = 0;
+        }
+        Ok(n)
+    }
+
+    fn check_done(&self, runs: &[Run], cluster_bits: u32) -> Result<()> {
+        if let Some(run) = runs.get(self.run) {
+            return Err(invalid(format!(
+                "finished before the planned data cluster at guest offset {} was written",
+                (run.first + self.done_in_run) << cluster_bits
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Splits the runs at L2 table boundaries: (L1 index, first guest cluster, count, index of the
+/// first cluster among all data clusters).
+fn l2_segments(runs: &[Run], l2_bits: u32) -> impl Iterator<Item = (u64, u64, u64, u64)> + '_ {
+    let mut k = 0u64;
+    runs.iter().flat_map(move |r| {
+        let start_k = k;
+        k += r.count;
+        let end = r.first + r.count;
+        let mut c = r.first;
+        std::iter::from_fn(move || {
+            if c >= end {
+                return None;
+            }
+            let l1 = c >> l2_bits;
+            let seg_end = end.min((l1 + 1) << l2_bits);
+            let item = (l1, c, seg_end - c, start_k + (c - r.first));
+            c = seg_end;
+            Some(item)
+        })
+    })
+}
+
+/// Streams an image planned by [`StreamPlan`]: the metadata is already written; the data
+/// clusters follow in guest order.
+pub struct StreamWriter<'p, W: Write> {
+    plan: &'p StreamPlan,
+    out: Counted<W>,
+    cursor: Cursor,
+}
+
+impl<W: Write> StreamWriter<'_, W> {
+    fn write_metadata(&mut self) -> Result<()> {
+        let p = self.plan;
+        let cs = p.cluster_size();
+        let cb = p.cluster_bits;
+        let out = &mut self.out;
+
+        let h = header_bytes(
+            cb,
+            p.size,
+            p.l1_size,
+            p.l1_start() << cb,
+            p.rt_start() << cb,
+            p.rt_clusters,
+            None,
+        );
+        out.put(&h, "the header")?;
+        out.zeroes(cs - HEADER_LEN as u64, "the header")?;
+
+        let what = "the refcount table";
+        let mut t = TableOut::new(cs, 8);
+        for j in 0..p.rb_count {
+            t.put(out, j, (p.rb_start() + j) << cb, what)?;
+        }
+        t.fill_to(out, p.rt_clusters * cs, what)?;
+
+        // Every used cluster has refcount 1 and they are contiguous from cluster 0.
+        let what = "the refcount blocks";
+        let per_block = cs / 2;
+        let ones: Vec<u8> = [0u8, 1].repeat(per_block as usize);
+        for j in 0..p.rb_count {
+            let used = (p.total_clusters - j * per_block).min(per_block);
+            out.put(&ones[..(used * 2) as usize], what)?;
+            out.zeroes((per_block - used) * 2, what)?;
+        }
+
+        let what = "the L1 table";
+        let l2_bits = cb - 3;
+        let mut t = TableOut::new(cs, 8);
+        let mut rank = 0u64;
+        let mut last: Option<u64> = None;
+        for (l1, ..) in l2_segments(&p.runs, l2_bits) {
+            if last != Some(l1) {
+                t.put(out, l1, ((p.l2_start() + rank) << cb) | COPIED, what)?;
+                rank += 1;
+                last = Some(l1);
+            }
+        }
+        t.fill_to(out, p.l1_clusters * cs, what)?;
+
+        let what = "an L2 table";
+        let mut t = TableOut::new(cs, 8);
+        let mut last: Option<u64> = None;
+        let mask = (1u64 << l2_bits) - 1;
+        for (l1, c0, n, k0) in l2_segments(&p.runs, l2_bits) {
+            if last.is_some_and(|l| l != l1) {
+                t.fill_to(out, cs, what)?;
+                debug_assert!(t.buf.is_empty());
+                t.flushed = 0;
+            }
+            last = Some(l1);
+            for i in 0..n {
+                let host = (p.data_start() + k0 + i) << cb;
+                t.put(out, (c0 + i) & mask, host | COPIED, what)?;
+            }
+        }
+        if last.is_some() {
+            t.fill_to(out, cs, what)?;
+        }
+        debug_assert_eq!(out.pos, p.data_start() << cb);
+        Ok(())
+    }
+
+    /// Writes the data at guest offset `guest_offset`: it must be the next planned data
+    /// cluster, and `data` must stay inside its planned range. `data` may span several
+    /// clusters; a last partial cluster is padded with zeroes.
+    pub fn write_cluster_data(&mut self, guest_offset: u64, data: &[u8]) -> Result<()> {
+        let cb = self.plan.cluster_bits;
+        let n = self
+            .cursor
+            .advance(&self.plan.runs, cb, guest_offset, data.len() as u64)?;
+        self.out.put(data, "data")?;
+        self.out.zeroes((n << cb) - data.len() as u64, "data")
+    }
+
+    /// Checks that every planned cluster was written, flushes and gives the destination back.
+    pub fn finish(mut self) -> Result<W> {
+        self.cursor
+            .check_done(&self.plan.runs, self.plan.cluster_bits)?;
+        let pos = self.out.pos;
+        debug_assert_eq!(pos, self.plan.image_size());
+        self.out
+            .inner
+            .flush()
+            .map_err(|e| io_err(pos, "flushing", e))?;
+        Ok(self.out.inner)
+    }
+}
+
+/// Writes a compressed image on a seekable destination; see the module documentation.
+pub struct CompressedWriter<'p, W: Write + Seek> {
+    plan: &'p StreamPlan,
+    compression: Compression,
+    out: Counted<W>,
+    cursor: Cursor,
+    /// Guest clusters waiting to be compressed, in order.
+    batch: Vec<(u64, Vec<u8>)>,
+    batch_max: usize,
+    /// The L2 table being filled and its L1 index.
+    l2: Option<(u64, Vec<u64>)>,
+    l1: Vec<u64>,
+    /// Refcount of each host cluster written so far.
+    refcounts: Vec<u16>,
+}
+
+impl<'p, W: Write + Seek> CompressedWriter<'p, W> {
+    fn new(plan: &'p StreamPlan, out: W, compression: Compression) -> Result<Self> {
+        let cs = plan.cluster_size();
+        let mut out = Counted { inner: out, pos: 0 };
+        out.inner
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| io_err(0, "seeking to the start", e))?;
+        // The header cluster is rewritten at the end, when the tables' places are known.
+        out.zeroes(cs, "the header")?;
+        Ok(CompressedWriter {
+            plan,
+            compression,
+            out,
+            cursor: Cursor::default(),
+            batch: Vec::new(),
+            // About 32 MiB of clusters per batch: enough to keep every core busy.
+            batch_max: ((32u64 << 20) / cs).clamp(16, 4096) as usize,
+            l2: None,
+            l1: vec![0; plan.l1_size as usize],
+            refcounts: vec![1],
+        })
+    }
+
+    /// Same contract as [`StreamWriter::write_cluster_data`].
+    pub fn write_cluster_data(&mut self, guest_offset: u64, data: &[u8]) -> Result<()> {
+        let cb = self.plan.cluster_bits;
+        let cs = 1usize << cb;
+        self.cursor
+            .advance(&self.plan.runs, cb, guest_offset, data.len() as u64)?;
+        for (i, chunk) in data.chunks(cs).enumerate() {
+            let mut c = chunk.to_vec();
+            c.resize(cs, 0);
+            self.batch.push(((guest_offset >> cb) + i as u64, c));
+            if self.batch.len() >= self.batch_max {
+                self.flush_batch()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        let compression = self.compression;
+        let packed: Vec<Option<Vec<u8>>> = batch
+            .par_iter()
+            .map(|(_, data)| compress(compression, data))
+            .collect();
+        for ((guest, data), packed) in batch.iter().zip(packed) {
+            self.place(*guest, data, packed.as_deref())?;
+        }
+        Ok(())
+    }
+
+    fn inc(&mut self, cluster: u64) {
+        let i = cluster as usize;
+        if self.refcounts.len() <= i {
+            self.refcounts.resize(i + 1, 0);
+        }
+        self.refcounts[i] += 1;
+    }
+
+    /// Pads the file to a cluster boundary.
+    fn align(&mut self) -> Result<()> {
+        let cs = self.plan.cluster_size();
+        let pad = self.out.pos.next_multiple_of(cs) - self.out.pos;
+        self.out.zeroes(pad, "padding")
+    }
+
+    fn place(&mut self, guest: u64, data: &[u8], packed: Option<&[u8]>) -> Result<()> {
+        let cb = self.plan.cluster_bits;
+        let cs = 1u64 << cb;
+        let l2_bits = cb - 3;
+        let l1 = guest >> l2_bits;
+        if self.l2.as_ref().is_some_and(|(i, _)| *i != l1) {
+            self.write_l2()?;
+        }
+        if self.l2.is_none() {
+            self.l2 = Some((l1, vec![0; 1 << l2_bits]));
+        }
+        let entry = match packed {
+            Some(bytes) => {
+                // A host cluster shared by very many tiny compressed clusters would overflow
+                // its 16-bit refcount: start a fresh cluster before that.
+                if self.refcounts.get((self.out.pos >> cb) as usize) == Some(&u16::MAX) {
+                    self.align()?;
+                }
+                let host = self.out.pos;
+                let len = bytes.len() as u64;
+                self.out.put(bytes, "compressed data")?;
+                for c in (host >> cb)..=((host + len - 1) >> cb) {
+                    self.inc(c);
+                }
+                let sectors = ((host & 511) + len).div_ceil(512);
+                let x = 62 - (cb - 8);
+                L2_COMPRESSED | ((sectors - 1) << x) | host
+            }
+            None => {
+                self.align()?;
+                let host = self.out.pos;
+                self.out.put(data, "data")?;
+                self.inc(host >> cb);
+                host | COPIED
+            }
+        };
+        debug_assert!(data.len() as u64 == cs);
+        let (_, table) = self.l2.as_mut().expect("set above");
+        table[(guest & ((1 << l2_bits) - 1)) as usize] = entry;
+        Ok(())
+    }
+
+    fn write_l2(&mut self) -> Result<()> {
+        let Some((l1, table)) = self.l2.take() else {
+            return Ok(());
+        };
+        self.align()?;
+        let at = self.out.pos;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.out.put(&bytes, "an L2 table")?;
+        self.inc(at >> self.plan.cluster_bits);
+        self.l1[l1 as usize] = at | COPIED;
+        Ok(())
+    }
+
+    /// Writes the rest of the data, the tables and the header; checks that every planned
+    /// cluster was written. Returns the destination and the image's size.
+    pub fn finish(mut self) -> Result<(W, u64)> {
+        let cb = self.plan.cluster_bits;
+        let cs = 1u64 << cb;
+        self.cursor.check_done(&self.plan.runs, cb)?;
+        self.flush_batch()?;
+        self.write_l2()?;
+        self.align()?;
+
+        let l1_offset = self.out.pos;
+        let l1_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
+        let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.out.put(&l1_bytes, "the L1 table")?;
+        self.align()?;
+        for c in 0..l1_clusters {
+            self.inc((l1_offset >> cb) + c);
+        }
+
+        let fixed = self.out.pos >> cb;
+        let (rt_clusters, rb_count) = refcount_fixed_point(fixed, cs);
+        let rt_start = fixed;
+        let rb_start = rt_start + rt_clusters;
+        let total = rb_start + rb_count;
+        for c in rt_start..total {
+            self.inc(c);
+        }
+        debug_assert_eq!(self.refcounts.len() as u64, total);
+        let mut t = TableOut::new(cs, 8);
+        for j in 0..rb_count {
+            t.put(&mut self.out, j, (rb_start + j) << cb, "the refcount table")?;
+        }
+        t.fill_to(&mut self.out, rt_clusters * cs, "the refcount table")?;
+        let mut t = TableOut::new(cs, 2);
+        for (i, &r) in self.refcounts.iter().enumerate() {
+            t.put(&mut self.out, i as u64, u64::from(r), "the refcount blocks")?;
+        }
+        t.fill_to(&mut self.out, rb_count * cs, "the refcount blocks")?;
+        let end = self.out.pos;
+        debug_assert_eq!(end, total << cb);
+
+        let h = header_bytes(
+            cb,
+            self.plan.size,
+            self.plan.l1_size,
+            l1_offset,
+            rt_start << cb,
+            rt_clusters,
+            Some(self.compression),
+        );
+        let w = &mut self.out.inner;
+        w.seek(SeekFrom::Start(0))
+            .and_then(|_| w.write_all(&h))
+            .and_then(|_| w.seek(SeekFrom::Start(end)))
+            .and_then(|_| w.flush())
+            .map_err(|e| io_err(0, "writing the header", e))?;
+        Ok((self.out.inner, end))
+    }
+}
+
+/// Compresses one cluster the way qemu reads it back; `None` when it does not shrink.
+fn compress(compression: Compression, data: &[u8]) -> Option<Vec<u8>> {
+    let out = match compression {
+        Compression::Zlib => {
+            // qemu inflates with a 4 KiB window (window bits 12): back references must not
+            // reach further, so compress with the same window. Raw deflate, no zlib header.
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(data.len());
+            match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => out,
+                _ => return None,
+            }
+        }
+        Compression::Zstd => zstd::bulk::compress(data, 0).ok()?,
+    };
+    (out.len() < data.len()).then_some(out)
+}
