@@ -48,7 +48,10 @@ pub use bitmap::Bitmap;
 pub use error::{ErrorKind, Qcow2Error, Result};
 pub use header::Compression;
 pub use storage::Storage;
-pub use writer::{CompressedWriter, StreamPlan, StreamWriter};
+pub use writer::{
+    CompressedWriter, StreamPlan, StreamWriter, WriteOptions, write_from_raw,
+    write_from_raw_seekable,
+};
 
 use header::{Header, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, read_exact};
 

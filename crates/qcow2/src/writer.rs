@@ -37,7 +37,7 @@
 //! offset 0. Memory: one batch of clusters, one L2 table, the L1 table and 2 bytes of refcount
 //! per host cluster.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -781,8 +781,9 @@ impl<'p, W: Write + Seek> CompressedWriter<'p, W> {
 fn compress(compression: Compression, data: &[u8]) -> Option<Vec<u8>> {
     let out = match compression {
         Compression::Zlib => {
-            // qemu inflates with a 4 KiB window (window bits 12): back references must not
-            // reach further, so compress with the same window. Raw deflate, no zlib header.
+            // qemu writes deflate with a 4 KiB window (window bits 12); its reader inflates a
+            // cluster in one call and would take more, but readers that honour the window
+            // might not: use qemu's. Raw deflate, no zlib header.
             let mut c =
                 flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = Vec::with_capacity(data.len());
@@ -794,4 +795,147 @@ fn compress(compression: Compression, data: &[u8]) -> Option<Vec<u8>> {
         Compression::Zstd => zstd::bulk::compress(data, 0).ok()?,
     };
     (out.len() < data.len()).then_some(out)
+}
+
+/// How [`write_from_raw`] writes the image.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Cluster size of the image (512 B to 2 MiB, a power of two).
+    pub cluster_size: u64,
+    /// Compress the data clusters; needs [`write_from_raw_seekable`].
+    pub compression: Option<Compression>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            cluster_size: 64 << 10,
+            compression: None,
+        }
+    }
+}
+
+/// Bytes read from the source per request.
+const RAW_CHUNK: u64 = 4 << 20;
+
+/// The clusters of a raw file that hold anything but zeroes, as guest byte ranges. A read
+/// pass rather than SEEK_DATA/SEEK_HOLE: portable, and it also leaves out written zeroes.
+fn raw_data_ranges(name: &str, src: &std::fs::File, size: u64, cs: u64) -> Result<Vec<Range<u64>>> {
+    use crate::storage::Storage;
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let chunk = RAW_CHUNK.max(cs);
+    let mut buf = vec![0u8; chunk as usize];
+    let mut off = 0;
+    while off < size {
+        let want = chunk.min(size - off) as usize;
+        let n = src
+            .read_at(&mut buf[..want], off)
+            .map_err(|e| Qcow2Error::io(name, Some(off), "reading the raw source", e))?;
+        // Past the end of the file (size rounded up to 512) reads as zeroes.
+        buf[n..want].fill(0);
+        for (i, c) in buf[..want].chunks(cs as usize).enumerate() {
+            if is_zero(c) {
+                continue;
+            }
+            let start = off + i as u64 * cs;
+            let end = (start + cs).min(size);
+            match ranges.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => ranges.push(start..end),
+            }
+        }
+        off += want as u64;
+    }
+    Ok(ranges)
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // OR-folding fixed blocks vectorizes; a plain `all` stops at every byte.
+    buf.chunks(256)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Feeds every planned range of `plan` from `src` to `write`.
+fn copy_planned(
+    name: &str,
+    src: &std::fs::File,
+    plan: &StreamPlan,
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    use crate::storage::Storage;
+    let chunk = RAW_CHUNK.max(plan.cluster_size());
+    let mut buf = vec![0u8; chunk as usize];
+    for r in plan.planned_ranges() {
+        let end = r.end.min(plan.virtual_size());
+        let mut off = r.start;
+        while off < end {
+            let want = chunk.min(end - off) as usize;
+            let n = src
+                .read_at(&mut buf[..want], off)
+                .map_err(|e| Qcow2Error::io(name, Some(off), "reading the raw source", e))?;
+            buf[n..want].fill(0);
+            write(off, &buf[..want])?;
+            off += want as u64;
+        }
+    }
+    Ok(())
+}
+
+fn open_raw(src: &std::path::Path) -> Result<(String, std::fs::File, u64)> {
+    let name = src.display().to_string();
+    let file = std::fs::File::open(src)
+        .map_err(|e| Qcow2Error::io(&name, None, "opening the raw source", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Qcow2Error::io(&name, None, "reading the raw source's size", e))?
+        .len();
+    // qemu sizes images in 512-byte sectors; the padding reads as zeroes.
+    Ok((name, file, len.next_multiple_of(512)))
+}
+
+/// Writes the raw image at `src` as a qcow2 image to `dst` in one sequential pass (a pipe will
+/// do), after a first read pass that finds the clusters holding data: all-zero clusters are
+/// left unallocated. Returns the destination. Compression needs [`write_from_raw_seekable`].
+pub fn write_from_raw<W: Write>(
+    src: impl AsRef<std::path::Path>,
+    dst: W,
+    opts: &WriteOptions,
+) -> Result<W> {
+    if opts.compression.is_some() {
+        return Err(invalid(
+            "compressed images need a seekable destination (write_from_raw_seekable)".into(),
+        ));
+    }
+    let (name, file, size) = open_raw(src.as_ref())?;
+    let ranges = raw_data_ranges(&name, &file, size, opts.cluster_size)?;
+    let plan = StreamPlan::new(size, opts.cluster_size, &ranges)?;
+    // Tables go out a cluster at a time: buffer them into large writes.
+    let mut w = plan.writer(BufWriter::with_capacity(BUF_BYTES, dst))?;
+    copy_planned(&name, &file, &plan, |off, b| w.write_cluster_data(off, b))?;
+    unbuffer(w.finish()?)
+}
+
+const BUF_BYTES: usize = 1 << 20;
+
+fn unbuffer<W: Write>(w: BufWriter<W>) -> Result<W> {
+    w.into_inner()
+        .map_err(|e| io_err(0, "flushing the image", e.into_error()))
+}
+
+/// Like [`write_from_raw`] on a seekable destination, which also allows compression.
+pub fn write_from_raw_seekable<W: Write + Seek>(
+    src: impl AsRef<std::path::Path>,
+    dst: W,
+    opts: &WriteOptions,
+) -> Result<W> {
+    let Some(compression) = opts.compression else {
+        return write_from_raw(src, dst, opts);
+    };
+    let (name, file, size) = open_raw(src.as_ref())?;
+    let ranges = raw_data_ranges(&name, &file, size, opts.cluster_size)?;
+    let plan = StreamPlan::new(size, opts.cluster_size, &ranges)?;
+    // Compressed clusters are small writes: buffer them.
+    let mut w = plan.compressed_writer(BufWriter::with_capacity(BUF_BYTES, dst), compression)?;
+    copy_planned(&name, &file, &plan, |off, b| w.write_cluster_data(off, b))?;
+    unbuffer(w.finish()?.0)
 }

@@ -56,8 +56,17 @@ fn source(seed: u64, size: u64) -> (Vec<u8>, Vec<Range<u64>>) {
         let len = (1 + rng.below(400_000)).min(size - at);
         let r = at..at + len;
         let bytes = &mut data[r.start as usize..r.end as usize];
-        match rng.below(3) {
+        // The first range always has the far repeats, so every image has some.
+        let kind = if ranges.is_empty() { 3 } else { rng.below(4) };
+        match kind {
             0 => bytes.copy_from_slice(&noise(rng.next(), len as usize)),
+            // Repeats only further apart than qemu's 4 KiB deflate window.
+            3 => {
+                let block = noise(rng.next(), 6000);
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    *b = block[i % 6000];
+                }
+            }
             1 => {
                 for (i, b) in bytes.iter_mut().enumerate() {
                     *b = b"compressible text; "[i % 19];
@@ -379,4 +388,144 @@ fn writes_outside_the_plan_are_errors() {
     assert!(w.write_cluster_data(98304, &c).is_err());
     w.write_cluster_data(8192, &c).unwrap();
     assert!(w.finish().is_err());
+}
+
+/// A raw file with holes (never written), written zero clusters and data; its size is not a
+/// whole number of clusters.
+fn raw_file(dir: &Path, seed: u64, size: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let (mut src, ranges) = source(seed, size);
+    // Zero clusters that were written: they must come out unallocated, like holes.
+    let z = (size / 2) as usize;
+    src[z..z + 300_000].fill(0);
+    let path = dir.join(format!("raw{seed}.raw"));
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    for r in &ranges {
+        f.write_all_at(&src[r.start as usize..r.end as usize], r.start)
+            .unwrap();
+    }
+    (path, src)
+}
+
+/// Guest ranges whose clusters hold anything but zeroes.
+fn nonzero_ranges(src: &[u8], cs: u64) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (i, c) in src.chunks(cs as usize).enumerate() {
+        if c.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let start = i as u64 * cs;
+        let end = start + c.len() as u64;
+        match out.last_mut() {
+            Some(l) if l.end == start => l.end = end,
+            _ => out.push(start..end),
+        }
+    }
+    out
+}
+
+#[test]
+fn from_raw_files() {
+    let dir = TempDir::new().unwrap();
+    let (raw, src) = raw_file(dir.path(), 31, SIZE);
+    for (cs, compression) in [
+        (65536u64, None),
+        (4096, None),
+        (65536, Some(Compression::Zstd)),
+        (512, Some(Compression::Zlib)),
+    ] {
+        let opts = qcow2::WriteOptions {
+            cluster_size: cs,
+            compression,
+        };
+        let image = dir.path().join(format!("r{cs}-{compression:?}.qcow2"));
+        match compression {
+            None => {
+                let bytes = qcow2::write_from_raw(&raw, Pipe(Vec::new()), &opts)
+                    .unwrap()
+                    .0;
+                std::fs::write(&image, bytes).unwrap();
+            }
+            Some(_) => {
+                let file = std::fs::File::create(&image).unwrap();
+                qcow2::write_from_raw_seekable(&raw, file, &opts).unwrap();
+            }
+        }
+        let plan = StreamPlan::new(SIZE, cs, &nonzero_ranges(&src, cs)).unwrap();
+        verify(&image, &raw, &src, &plan, dir.path());
+    }
+    // Compression without a seekable destination is refused.
+    let opts = qcow2::WriteOptions {
+        cluster_size: 65536,
+        compression: Some(Compression::Zlib),
+    };
+    let e = qcow2::write_from_raw(&raw, Pipe(Vec::new()), &opts).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
+
+/// Times the writer against `qemu-img convert` on a raw image of `FERRY_BENCH_MIB` MiB
+/// (default 1024), half data and half holes. Run with `--ignored --nocapture`, in release.
+#[test]
+#[ignore]
+fn bench_against_qemu_img_convert() {
+    use std::time::Instant;
+    let mib: u64 = std::env::var("FERRY_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let dir = TempDir::new().unwrap();
+    let raw = dir.path().join("bench.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(mib << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut rng = Rng(99);
+    for m in (0..mib).step_by(2) {
+        // Half noise, half text, so compression has work of both kinds.
+        let block = if rng.below(2) == 0 {
+            noise(rng.next(), 1 << 20)
+        } else {
+            b"some compressible text ".repeat((1 << 20) / 23 + 1)[..1 << 20].to_vec()
+        };
+        f.write_all_at(&block, m << 20).unwrap();
+    }
+    drop(f);
+    let time = |what: &str, run: &mut dyn FnMut()| {
+        let t = Instant::now();
+        run();
+        let s = t.elapsed().as_secs_f64();
+        println!("{what}: {s:.2} s ({:.0} MiB/s)", mib as f64 / s);
+    };
+    for compression in [None, Some(Compression::Zstd), Some(Compression::Zlib)] {
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        let opts = qcow2::WriteOptions {
+            cluster_size: 65536,
+            compression,
+        };
+        time(
+            &format!("ferry write_from_raw {compression:?}"),
+            &mut || {
+                let file = std::fs::File::create(&ours).unwrap();
+                qcow2::write_from_raw_seekable(&raw, file, &opts).unwrap();
+            },
+        );
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        match compression {
+            None => {}
+            Some(Compression::Zstd) => args.extend(["-c", "-o", "compression_type=zstd"]),
+            Some(Compression::Zlib) => args.push("-c"),
+        }
+        args.extend([p(&raw), p(&theirs)]);
+        time(&format!("qemu-img convert {compression:?}"), &mut || {
+            qemu_img(&args);
+        });
+        qemu_check(&ours);
+        qemu_compare(&raw, &ours);
+        println!(
+            "  sizes: ours {} MiB, qemu-img {} MiB",
+            std::fs::metadata(&ours).unwrap().len() >> 20,
+            std::fs::metadata(&theirs).unwrap().len() >> 20
+        );
+    }
 }
