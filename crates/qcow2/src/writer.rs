@@ -939,3 +939,55 @@ pub fn write_from_raw_seekable<W: Write + Seek>(
     copy_planned(&name, &file, &plan, |off, b| w.write_cluster_data(off, b))?;
     unbuffer(w.finish()?.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_structures_cover_themselves_and_no_more() {
+        for cs in [512u64, 4096] {
+            let per_block = cs / 2;
+            for fixed in 1..40_000 {
+                let (rt, rb) = refcount_fixed_point(fixed, cs);
+                let total = fixed + rt + rb;
+                assert!(rb * per_block >= total, "{cs} {fixed}: blocks cover all");
+                assert!(rt * cs / 8 >= rb, "{cs} {fixed}: table holds all blocks");
+                // One block fewer would not do (the table can only need more, not less).
+                assert!((rb - 1) * per_block < total - 1, "{cs} {fixed}: minimal");
+                assert!((rt - 1) * cs / 8 < rb, "{cs} {fixed}: table minimal");
+            }
+        }
+    }
+
+    #[test]
+    fn l2_segments_split_at_table_boundaries() {
+        // 512-byte clusters: 64 entries per L2 table.
+        let runs = [
+            Run {
+                first: 60,
+                count: 10,
+            },
+            Run {
+                first: 70,
+                count: 1,
+            },
+            Run {
+                first: 200,
+                count: 130,
+            },
+        ];
+        let segs: Vec<_> = l2_segments(&runs, 6).collect();
+        assert_eq!(
+            segs,
+            vec![
+                (0, 60, 4, 0),
+                (1, 64, 6, 4),
+                (1, 70, 1, 10),
+                (3, 200, 56, 11),
+                (4, 256, 64, 67),
+                (5, 320, 10, 131),
+            ]
+        );
+    }
+}

@@ -529,3 +529,34 @@ fn bench_against_qemu_img_convert() {
         );
     }
 }
+
+/// 512-byte clusters and 20 MiB of data: a refcount table of several clusters, hundreds of
+/// refcount blocks and L2 tables.
+#[test]
+fn many_small_clusters() {
+    let dir = TempDir::new().unwrap();
+    let size = 24u64 << 20;
+    let mut src = vec![0u8; size as usize];
+    src[1 << 20..21 << 20].copy_from_slice(&noise(5, 20 << 20));
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &src).unwrap();
+    let ranges = [(1u64 << 20)..(21 << 20)];
+    let plan = StreamPlan::new(size, 512, &ranges).unwrap();
+    let mut w = plan.writer(Pipe(Vec::new())).unwrap();
+    feed(&plan, &src, |off, b| w.write_cluster_data(off, b));
+    let bytes = w.finish().unwrap().0;
+    assert_eq!(bytes.len() as u64, plan.image_size());
+    // The refcount table is at cluster 1; it must span more than one cluster here.
+    assert!(be32(&bytes, 56) > 1, "refcount table clusters");
+    let image = dir.path().join("small.qcow2");
+    std::fs::write(&image, &bytes).unwrap();
+    verify(&image, &raw, &src, &plan, dir.path());
+
+    let image = dir.path().join("small-zstd.qcow2");
+    let mut w = plan
+        .compressed_writer(std::fs::File::create(&image).unwrap(), Compression::Zstd)
+        .unwrap();
+    feed(&plan, &src, |off, b| w.write_cluster_data(off, b));
+    w.finish().unwrap();
+    verify(&image, &raw, &src, &plan, dir.path());
+}
