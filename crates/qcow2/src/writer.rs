@@ -36,6 +36,13 @@
 //! stored uncompressed at a cluster boundary. The header is written at the end, with a seek to
 //! offset 0. Memory: one batch of clusters, one L2 table, the L1 table and 2 bytes of refcount
 //! per host cluster.
+//!
+//! # Speed
+//! [`write_from_raw`] of a page-cached 1 GiB raw file, half data and half holes, 64 KiB
+//! clusters, into a file on a 2-core machine: 0.9 s uncompressed (`qemu-img convert -O qcow2`:
+//! 0.33 s; it skips holes with SEEK_DATA where this reads them, twice: once to find the data
+//! clusters, once to copy them), 1.0 s with zstd (qemu-img: 1.5 s), 5.4 s with zlib (qemu-img:
+//! 12.4 s).
 
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::Range;

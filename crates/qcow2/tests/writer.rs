@@ -465,7 +465,8 @@ fn from_raw_files() {
 }
 
 /// Times the writer against `qemu-img convert` on a raw image of `FERRY_BENCH_MIB` MiB
-/// (default 1024), half data and half holes. Run with `--ignored --nocapture`, in release.
+/// (default 1024), half data and half holes. Run with `--ignored --nocapture`, in release;
+/// `FERRY_BENCH_MODES=plain` times only the uncompressed writers.
 #[test]
 #[ignore]
 fn bench_against_qemu_img_convert() {
@@ -496,7 +497,11 @@ fn bench_against_qemu_img_convert() {
         let s = t.elapsed().as_secs_f64();
         println!("{what}: {s:.2} s ({:.0} MiB/s)", mib as f64 / s);
     };
-    for compression in [None, Some(Compression::Zstd), Some(Compression::Zlib)] {
+    let modes = match std::env::var("FERRY_BENCH_MODES").as_deref() {
+        Ok("plain") => vec![None],
+        _ => vec![None, Some(Compression::Zstd), Some(Compression::Zlib)],
+    };
+    for compression in modes {
         let ours = dir.path().join("ours.qcow2");
         let theirs = dir.path().join("theirs.qcow2");
         let opts = qcow2::WriteOptions {
