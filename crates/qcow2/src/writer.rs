@@ -19,8 +19,9 @@
 //! blocks (every cluster has refcount 1) are known too, once the small fixed point "refcount
 //! blocks must also count themselves and the refcount table" is solved. All metadata can
 //! therefore be written first and the data after it, in one sequential pass with no seek: the
-//! destination can be a pipe or a socket. Memory stays small whatever the image size: the
-//! tables are generated a cluster at a time while they are written, from the list of ranges.
+//! destination can be a pipe or a socket. Memory does not grow with the image size: the
+//! tables are generated a cluster at a time while they are written, from the list of ranges
+//! (which is all the writer keeps: one entry per run of data clusters).
 //!
 //! # Compressed layout ([`CompressedWriter`])
 //! A compressed cluster's size is known only after compressing it, so the host offsets the
