@@ -22,6 +22,10 @@ const MAX_CLASS: usize = 64 << 20;
 const CLASSES: usize = (MAX_CLASS.trailing_zeros() - MIN_CLASS.trailing_zeros() + 1) as usize;
 /// Most bytes kept idle in the pool.
 pub const MAX_CACHED: usize = 64 << 20;
+/// Room every pooled buffer has beyond its class, so a request of a power of two plus a
+/// little (an O_DIRECT buffer asks for one alignment more, to start its window at an aligned
+/// address) takes its class and not the next one: 4 MiB + 4 KiB in 4 MiB + 4 KiB, not 8 MiB.
+pub const SLACK: usize = 4 << 10;
 
 struct Pool {
     free: [Mutex<Vec<Vec<u8>>>; CLASSES],
@@ -33,6 +37,12 @@ static POOL: Pool = Pool {
     cached: AtomicUsize::new(0),
 };
 
+/// The class a request of `len` bytes takes: the smallest power of two that `len` fits in
+/// with the slack.
+fn class_size(len: usize) -> usize {
+    len.saturating_sub(SLACK).max(MIN_CLASS).next_power_of_two()
+}
+
 fn class_of(capacity: usize) -> Option<usize> {
     if !(MIN_CLASS..=MAX_CLASS).contains(&capacity) || !capacity.is_power_of_two() {
         return None;
@@ -42,17 +52,21 @@ fn class_of(capacity: usize) -> Option<usize> {
 
 /// A buffer of `len` bytes from the pool (contents unspecified).
 pub fn get(len: usize) -> Buf {
-    let capacity = len.max(MIN_CLASS).next_power_of_two();
-    let recycled = class_of(capacity).and_then(|c| {
+    let class = class_size(len);
+    let recycled = class_of(class).and_then(|c| {
         let v = POOL.free[c].lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if v.is_some() {
-            POOL.cached.fetch_sub(capacity, Ordering::Relaxed);
+        if let Some(v) = &v {
+            POOL.cached.fetch_sub(v.len(), Ordering::Relaxed);
         }
         v
     });
     let vec = recycled.unwrap_or_else(|| {
         // Large exact-size buffers are not pooled, so they need not be rounded up.
-        let capacity = if capacity > MAX_CLASS { len } else { capacity };
+        let capacity = if class > MAX_CLASS {
+            len
+        } else {
+            class + SLACK
+        };
         vec![0u8; capacity]
     });
     Buf { vec, len }
@@ -79,7 +93,7 @@ pub fn zeroed(len: usize) -> Buf {
 
 fn recycle(vec: Vec<u8>) {
     let capacity = vec.len();
-    let Some(class) = class_of(capacity) else {
+    let Some(class) = capacity.checked_sub(SLACK).and_then(class_of) else {
         return;
     };
     if POOL.cached.fetch_add(capacity, Ordering::Relaxed) + capacity > MAX_CACHED {
@@ -155,9 +169,9 @@ mod tests {
         drop(slice);
         // The same memory comes back for the next buffer of that class (single-threaded
         // test binary section: the class list is LIFO).
-        let again = get(260 << 10);
+        let again = get(280 << 10);
         assert_eq!(again.as_ptr(), ptr);
-        assert_eq!(again.len(), 260 << 10);
+        assert_eq!(again.len(), 280 << 10);
     }
 
     #[test]
@@ -173,6 +187,17 @@ mod tests {
         assert!(zero_bytes(100).iter().all(|b| *b == 0));
         assert_eq!(zero_bytes(3 << 20).len(), 3 << 20);
         assert!(zero_bytes(3 << 20).iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_class_plus_an_alignment_takes_its_class() {
+        let b = get((4 << 20) + 4096);
+        assert_eq!(b.len(), (4 << 20) + 4096);
+        assert_eq!(b.vec.len(), (4 << 20) + SLACK, "not rounded up to 8 MiB");
+        let c = get(4 << 20);
+        assert_eq!(c.vec.len(), (4 << 20) + SLACK);
+        let d = get((4 << 20) + SLACK + 1);
+        assert_eq!(d.vec.len(), (8 << 20) + SLACK);
     }
 
     #[test]

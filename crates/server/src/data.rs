@@ -85,13 +85,13 @@ impl AsRef<[u8]> for Budgeted {
 }
 
 impl DataApi {
-    /// Waits for `n` bytes of the buffer budget (all of it if `n` is more).
+    /// Waits for `n` bytes of the buffer budget (all of it if `n` is more; none for 0).
     pub(crate) async fn reserve(
         memory: &Arc<tokio::sync::Semaphore>,
         total: u64,
         n: u64,
     ) -> tokio::sync::OwnedSemaphorePermit {
-        let n = n.clamp(1, total.clamp(1, u32::MAX as u64)) as u32;
+        let n = n.min(total.clamp(1, u32::MAX as u64)) as u32;
         memory
             .clone()
             .acquire_many_owned(n)

@@ -139,9 +139,9 @@ pub(crate) async fn put(
     let mut throttle: Option<
         Pin<Box<dyn std::future::Future<Output = tokio::sync::OwnedSemaphorePermit> + Send>>,
     > = None;
-    // The buffer budget held for bytes received and not yet written; each completed write
-    // gives its bytes back.
-    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    // The buffer budget held for this upload's buffers: received bytes not yet written and the
+    // chunk being filled.
+    let mut budget = Held::default();
 
     // Zero blocks in the body are zeroed rather than written where that is cheaper or wanted:
     // clients that stream whole data runs (imageio's own client) send the zeroes inside them
@@ -187,13 +187,7 @@ pub(crate) async fn put(
                     // complete out of order, and a failed upload reports only what was
                     // written.
                     in_flight -= n;
-                    if let Some(held) = budget.as_mut() {
-                        if (held.num_permits() as u64) <= n {
-                            budget = None;
-                        } else {
-                            drop(held.split(n as usize));
-                        }
-                    }
+                    budget.release(n);
                     op.completed(at, n)
                 }
                 Err(e) => {
@@ -205,10 +199,7 @@ pub(crate) async fn put(
             },
             granted = async { throttle.as_mut().expect("checked").await }, if throttle.is_some() => {
                 throttle = None;
-                match budget.as_mut() {
-                    Some(held) => held.merge(granted),
-                    None => budget = Some(granted),
-                }
+                budget.add(granted);
             }
             _ = ticket.cancelled(), if !body_done => {
                 failure = Some(HttpError::forbidden(&crate::store::Forbidden(format!(
@@ -230,6 +221,7 @@ pub(crate) async fn put(
                     Ok(None) => {
                         body_done = true;
                         if let Some(b) = buf.take() {
+                            budget.release(b.unfilled());
                             let at = b.at;
                             submit(&mut writes, at, b.freeze());
                         }
@@ -239,6 +231,7 @@ pub(crate) async fn put(
                         // What did arrive is written, as the reference does: the client
                         // resends the failed range either way.
                         if let Some(b) = buf.take() {
+                            budget.release(b.unfilled());
                             let at = b.at;
                             submit(&mut writes, at, b.freeze());
                         }
@@ -255,18 +248,22 @@ pub(crate) async fn put(
                     },
                 };
                 received += data.len() as u64;
-                let flow = ticket.flow.clone();
                 let n = data.len() as u64;
-                let metrics = api.store.metrics.clone();
-                let (memory, total) = (api.memory.clone(), api.tuning.memory);
-                // No more of the body is read until this frame's bytes fit in the budget.
-                throttle = Some(Box::pin(async move {
-                    let permit = DataApi::reserve(&memory, total, n).await;
-                    let waiting = std::time::Instant::now();
-                    flow.acquire(n).await;
-                    crate::metrics::count_wait(&metrics, waiting);
-                    permit
-                }));
+                // No more of the body is read until what this frame costs fits in the budget:
+                // its bytes, plus any chunk buffer it made us allocate, less what it copied
+                // into buffers already paid for.
+                let throttle_for = |charge: u64| {
+                    let flow = ticket.flow.clone();
+                    let metrics = api.store.metrics.clone();
+                    let (memory, total) = (api.memory.clone(), api.tuning.memory);
+                    Box::pin(async move {
+                        let permit = DataApi::reserve(&memory, total, charge).await;
+                        let waiting = std::time::Instant::now();
+                        flow.acquire(n).await;
+                        crate::metrics::count_wait(&metrics, waiting);
+                        permit
+                    }) as Pin<Box<dyn std::future::Future<Output = _> + Send>>
+                };
                 if offset + received > limit {
                     failure = Some(HttpError::range(
                         "Requested range out of allowed range", Some(&available)).closing());
@@ -278,29 +275,36 @@ pub(crate) async fn put(
                 // a chunk buffer would cost a pass over every byte uploaded.
                 if zero_copy && data.len() >= ZERO_COPY_MIN {
                     if let Some(b) = buf.take() {
+                        // Its unfilled room was paid for and is not needed any more.
+                        budget.release(b.unfilled());
                         let at = b.at;
                         submit(&mut writes, at, b.freeze());
                     }
-                    let n = data.len() as u64;
                     submit(&mut writes, pos, data);
                     pos += n;
+                    throttle = Some(throttle_for(n));
                     continue;
                 }
+                let mut charge = n;
                 let mut rest = &data[..];
                 while !rest.is_empty() {
                     let b = buf.get_or_insert_with(|| {
                         let next = (pos / chunk + 1) * chunk;
-                        ChunkBuf::new(pos, (next.min(limit) - pos) as usize)
+                        let b = ChunkBuf::new(pos, (next.min(limit) - pos) as usize);
+                        charge += b.size as u64;
+                        b
                     });
-                    let n = b.fill(rest);
-                    rest = &rest[n..];
-                    pos += n as u64;
+                    let k = b.fill(rest);
+                    charge -= k as u64;
+                    rest = &rest[k..];
+                    pos += k as u64;
                     if b.is_full() {
                         let b = buf.take().expect("just filled");
                         let at = b.at;
                         submit(&mut writes, at, b.freeze());
                     }
                 }
+                throttle = Some(throttle_for(charge));
             }
         }
     }
@@ -339,6 +343,44 @@ pub(crate) async fn put(
 
 /// One chunk of an upload being filled: `size` bytes for offset `at`, in a pooled buffer whose
 /// window starts at an aligned address.
+/// The share of the buffer budget an upload holds. Bytes are given back as writes complete,
+/// possibly before the permits for them were granted (the grant for a frame arrives after the
+/// frame was passed on): what cannot be given back yet is owed and settled on the next grant.
+#[derive(Default)]
+struct Held {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    owed: u64,
+}
+
+impl Held {
+    fn add(&mut self, granted: tokio::sync::OwnedSemaphorePermit) {
+        match self.permit.as_mut() {
+            Some(p) => p.merge(granted),
+            None => self.permit = Some(granted),
+        }
+        self.settle();
+    }
+
+    fn release(&mut self, n: u64) {
+        self.owed += n;
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        let Some(p) = self.permit.as_mut() else {
+            return;
+        };
+        let have = p.num_permits() as u64;
+        if have <= self.owed {
+            self.owed -= have;
+            self.permit = None;
+        } else if self.owed > 0 {
+            drop(p.split(self.owed as usize));
+            self.owed = 0;
+        }
+    }
+}
+
 struct ChunkBuf {
     at: u64,
     buf: bufpool::Buf,
@@ -371,6 +413,11 @@ impl ChunkBuf {
 
     fn is_full(&self) -> bool {
         self.filled == self.size
+    }
+
+    /// Room left unfilled, in bytes.
+    fn unfilled(&self) -> u64 {
+        (self.size - self.filled) as u64
     }
 
     fn freeze(self) -> Bytes {
@@ -541,5 +588,35 @@ mod tests {
         assert!(err(br#"{"op": "zero", "size": "1"}"#).starts_with("Integer required"));
         assert!(err(br#"{"op": "zero", "size": 1.5}"#).starts_with("Integer required"));
         assert!(err(br#"{"op": "zero", "size": 1, "flush": 1}"#).starts_with("Boolean required"));
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::Held;
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    #[tokio::test]
+    async fn bytes_given_back_before_their_grant_are_settled_on_it() {
+        let budget = Arc::new(Semaphore::new(100));
+        let mut held = Held::default();
+        held.add(budget.clone().acquire_many_owned(40).await.unwrap());
+        assert_eq!(budget.available_permits(), 60);
+        // 50 written back while only 40 were granted: 10 owed.
+        held.release(50);
+        assert_eq!(budget.available_permits(), 100);
+        held.add(budget.clone().acquire_many_owned(30).await.unwrap());
+        // The next grant pays the 10 owed first.
+        assert_eq!(budget.available_permits(), 80);
+        held.release(20);
+        assert_eq!(budget.available_permits(), 100);
+        held.add(budget.clone().acquire_many_owned(5).await.unwrap());
+        drop(held);
+        assert_eq!(
+            budget.available_permits(),
+            100,
+            "a dropped upload gives all back"
+        );
     }
 }
