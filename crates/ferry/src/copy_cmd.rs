@@ -79,6 +79,16 @@ pub struct CopyArgs {
     /// backing files).
     #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = parse_format)]
     pub src_format: endpoints::Format,
+    /// What is written: `raw` (the disk's bytes, the default) or `qcow2` (a new qcow2 image,
+    /// into a local file, a block device, or a pipe / `-`, streamed in one pass).
+    #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = crate::qcow2_out::parse_dst_format)]
+    pub dst_format: crate::qcow2_out::DstFormat,
+    /// Cluster size of a qcow2 destination (a power of 2 from 512 to 2M; default 64K).
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub cluster_size: Option<u64>,
+    /// Compress a qcow2 destination's clusters (zstd or zlib); needs a file or block device.
+    #[arg(long, value_name = "ALG", value_parser = crate::qcow2_out::parse_compression)]
+    pub compress: Option<qcow2::Compression>,
     /// Print what was chosen and what was done.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -165,7 +175,7 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
 }
 
 /// A progress style and where its reports go.
-type ProgressOut = (Style, Box<dyn std::io::Write + Send>);
+pub(crate) type ProgressOut = (Style, Box<dyn std::io::Write + Send>);
 
 /// Where progress reports go.
 fn progress_target(arg: &Option<String>) -> Result<Option<ProgressOut>, Failure> {
@@ -264,6 +274,7 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
     if args.sparse != 0 && (!args.sparse.is_power_of_two() || args.sparse < 512) {
         return Err(usage("--sparse: must be a power of 2 and >= 512"));
     }
+    crate::qcow2_out::check_args(&args)?;
     let progress_out = progress_target(&args.progress)?;
     let mut args = args;
     if args.bitmap.is_some() {
@@ -306,6 +317,9 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
     let limiter = bandwidth_limit(&args)?;
 
     let open_opts = open_options(&args);
+    if args.dst_format == crate::qcow2_out::DstFormat::Qcow2 {
+        return crate::qcow2_out::run(&args, &src_spec, &dst_spec, &open_opts, progress_out).await;
+    }
     let src_opened = open(&src_spec, Role::Source, &open_opts).await?;
     let src = src_opened.endpoint.clone();
     let src_size = src.caps().size;

@@ -13,6 +13,7 @@ mod interrupt;
 mod logging;
 mod map;
 mod nbd_server_cmd;
+mod qcow2_out;
 mod serve_cmd;
 mod ticket_cmd;
 

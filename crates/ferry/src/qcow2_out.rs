@@ -1,0 +1,440 @@
+//! `ferry copy SRC DST --dst-format qcow2`: any source ferry reads, written as a new qcow2 image
+//! into a local file, a block device, or a pipe (stdout with `-`).
+//!
+//! This module owns that path end to end: which destinations and flags a qcow2 output accepts,
+//! planning the image from the source's extents (ranges the source reports as zero are left
+//! unallocated; data extents become data clusters, zeroes inside them included, since the plan
+//! is fixed before any byte is read), reading the planned data with several reads in flight,
+//! and feeding the `qcow2` crate's writer on a thread of its own (its writes are blocking, and
+//! compression runs on all cores there).
+//!
+//! It does not go through the copy engine: the engine writes pieces in whatever order their
+//! reads complete, while a qcow2 writer needs its data in guest order — the streaming writer
+//! has already written every table, which fixes where each cluster lands in the file, and
+//! writes strictly forward so it can feed a pipe.
+
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal};
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+use copy::Progress;
+use copy::progress::{self, Style};
+use disk::Endpoint;
+use endpoints::{Role, Spec};
+use futures_util::{StreamExt, TryStreamExt};
+use qcow2::{Compression, StreamPlan};
+
+use crate::copy_cmd::CopyArgs;
+use crate::endpoint::open;
+use crate::{Failure, usage};
+
+/// Extents are asked for in windows this large, so a huge sparse source never needs one
+/// enormous reply.
+const EXTENTS_WINDOW: u64 = 1 << 30;
+/// Largest read; a multiple of every cluster size, so each piece starts on a cluster.
+const PIECE: u64 = 4 << 20;
+/// Reads in flight ahead of the writer.
+const READS_IN_FLIGHT: usize = 8;
+/// The writer's output buffer: tables go out a cluster at a time, compressed clusters are small.
+const OUT_BUFFER: usize = 1 << 20;
+
+/// Which format a copy writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DstFormat {
+    /// The disk's bytes as they are (the default, as nbdcopy).
+    #[default]
+    Raw,
+    /// A new qcow2 image holding the disk.
+    Qcow2,
+}
+
+pub fn parse_dst_format(s: &str) -> Result<DstFormat, String> {
+    match s {
+        "raw" => Ok(DstFormat::Raw),
+        "qcow2" => Ok(DstFormat::Qcow2),
+        _ => Err(format!("'{s}': expecting raw or qcow2")),
+    }
+}
+
+pub fn parse_compression(s: &str) -> Result<Compression, String> {
+    match s {
+        "zstd" => Ok(Compression::Zstd),
+        "zlib" => Ok(Compression::Zlib),
+        _ => Err(format!("'{s}': expecting zstd or zlib")),
+    }
+}
+
+/// Default cluster size of a written image, qemu-img's.
+pub const DEFAULT_CLUSTER: u64 = 64 << 10;
+
+/// Checks the qcow2-only flags are used only with a qcow2 destination, and the flags of a
+/// qcow2 copy are ones it honours.
+pub fn check_args(args: &CopyArgs) -> Result<(), Failure> {
+    if args.dst_format == DstFormat::Raw {
+        if args.cluster_size.is_some() {
+            return Err(usage("--cluster-size needs --dst-format qcow2"));
+        }
+        if args.compress.is_some() {
+            return Err(usage("--compress needs --dst-format qcow2"));
+        }
+        return Ok(());
+    }
+    if let Some(cs) = args.cluster_size
+        && (!cs.is_power_of_two() || !(512..=2 << 20).contains(&cs))
+    {
+        return Err(usage(format!(
+            "--cluster-size {cs}: must be a power of 2 from 512 to 2M"
+        )));
+    }
+    if args.verify {
+        return Err(usage(
+            "--verify compares the destination's bytes with the source's, but a qcow2 \
+             destination's bytes are the image format, not the disk; check the result with \
+             `qemu-img compare` or `ferry checksum --src-format qcow2`",
+        ));
+    }
+    let refused = [
+        (args.resume.is_some(), "--resume"),
+        (
+            args.incremental || args.bitmap.is_some(),
+            "--incremental/--bitmap",
+        ),
+        (args.blkhash.is_some(), "--blkhash"),
+        (args.allocated, "--allocated"),
+        (
+            args.bwlimit.is_some() || args.bwlimit_file.is_some(),
+            "--bwlimit",
+        ),
+        (args.stats_json.is_some(), "--stats-json"),
+        (args.direct, "--direct"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(set, _)| *set) {
+        return Err(usage(format!(
+            "{flag} is not supported with --dst-format qcow2 (a new image is written in one pass)"
+        )));
+    }
+    Ok(())
+}
+
+/// Where the image goes.
+struct Output {
+    name: String,
+    file: File,
+    /// Regular file or block device: can seek (compression) and be fsynced.
+    seekable: bool,
+}
+
+fn open_output(spec: &Spec, word: &str) -> Result<Output, Failure> {
+    match spec {
+        Spec::Stdio => {
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stdout")?;
+            let file = File::from(fd);
+            let t = file.metadata().context("stat of stdout")?.file_type();
+            Ok(Output {
+                name: "stdout".into(),
+                seekable: t.is_file() || t.is_block_device(),
+                file,
+            })
+        }
+        Spec::Path(path) => open_path(path),
+        _ => Err(usage(format!(
+            "--dst-format qcow2 writes a local file, a block device or a pipe (- for \
+             stdout), not {word}"
+        ))),
+    }
+}
+
+fn open_path(path: &Path) -> Result<Output, Failure> {
+    let name = path.display().to_string();
+    let existing = std::fs::metadata(path).ok().map(|m| m.file_type());
+    let (file, seekable) = match existing {
+        // Pipes, sockets and devices are written as they are, never truncated.
+        Some(t) if !t.is_file() => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("open {name} failed"))?;
+            (file, t.is_block_device())
+        }
+        _ => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .with_context(|| format!("open {name} failed"))?;
+            (file, true)
+        }
+    };
+    Ok(Output {
+        name,
+        file,
+        seekable,
+    })
+}
+
+/// The source's data as byte ranges, in order, merged: every range its extents do not report
+/// as reading zeroes. A source without extents is all data.
+async fn data_ranges(
+    src: &dyn Endpoint,
+    size: u64,
+    use_extents: bool,
+) -> anyhow::Result<Vec<Range<u64>>> {
+    if !use_extents || !src.caps().extents {
+        return Ok(std::iter::once(0..size).filter(|r| !r.is_empty()).collect());
+    }
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = EXTENTS_WINDOW.min(size - offset);
+        let extents = src.extents(offset, len).await?;
+        let mut pos = offset;
+        for e in extents {
+            let start = e.offset.max(pos);
+            let end = e.end().min(offset + len);
+            if end <= start {
+                continue;
+            }
+            if !e.zero {
+                match ranges.last_mut() {
+                    Some(last) if last.end == start => last.end = end,
+                    _ => ranges.push(start..end),
+                }
+            }
+            pos = end;
+        }
+        if pos < offset + len {
+            // Not described: it must be read.
+            match ranges.last_mut() {
+                Some(last) if last.end == pos => last.end = offset + len,
+                _ => ranges.push(pos..offset + len),
+            }
+        }
+        offset += len;
+    }
+    Ok(ranges)
+}
+
+/// The planned clusters as reads of at most [`PIECE`] bytes, each starting on a cluster.
+fn pieces(plan: &StreamPlan) -> Vec<(u64, u64)> {
+    let vsize = plan.virtual_size();
+    let mut out = Vec::new();
+    for r in plan.planned_ranges() {
+        let end = r.end.min(vsize);
+        let mut off = r.start;
+        while off < end {
+            let len = PIECE.min(end - off);
+            out.push((off, len));
+            off += len;
+        }
+    }
+    out
+}
+
+/// The writer side: the streaming or the compressed writer, on a plain thread.
+fn write_image(
+    plan: StreamPlan,
+    out: Output,
+    compression: Option<Compression>,
+    mut data: tokio::sync::mpsc::Receiver<(u64, Bytes)>,
+) -> anyhow::Result<u64> {
+    let name = out.name.clone();
+    let ctx = |what: &str| format!("{what} qcow2 image {name}");
+    let buffered = BufWriter::with_capacity(OUT_BUFFER, out.file);
+    let (buffered, size) = match compression {
+        None => {
+            let mut w = plan.writer(buffered).with_context(|| ctx("write to"))?;
+            while let Some((off, bytes)) = data.blocking_recv() {
+                w.write_cluster_data(off, &bytes)
+                    .with_context(|| format!("write to {name} at guest offset {off}"))?;
+            }
+            (
+                w.finish().with_context(|| ctx("finish"))?,
+                plan.image_size(),
+            )
+        }
+        Some(c) => {
+            let mut w = plan
+                .compressed_writer(buffered, c)
+                .with_context(|| ctx("write to"))?;
+            while let Some((off, bytes)) = data.blocking_recv() {
+                w.write_cluster_data(off, &bytes)
+                    .with_context(|| format!("write to {name} at guest offset {off}"))?;
+            }
+            w.finish().with_context(|| ctx("finish"))?
+        }
+    };
+    let file = buffered
+        .into_inner()
+        .map_err(|e| anyhow!("flush {name} failed: {}", e.error()))?;
+    if out.seekable {
+        // Durable before success is reported; a pipe has nothing to sync.
+        file.sync_all()
+            .with_context(|| format!("fsync {name} failed"))?;
+    }
+    Ok(size)
+}
+
+/// What a qcow2 copy did, for `-v`.
+struct Summary {
+    size: u64,
+    data: u64,
+    image: u64,
+}
+
+async fn write_qcow2(
+    src: Arc<dyn Endpoint>,
+    out: Output,
+    cluster_size: u64,
+    compression: Option<Compression>,
+    use_extents: bool,
+    progress: &Progress,
+) -> anyhow::Result<Summary> {
+    let size = src
+        .caps()
+        .size
+        .ok_or_else(|| anyhow!("{}: a stream has no size", src.name()))?;
+    let ranges = data_ranges(src.as_ref(), size, use_extents).await?;
+    // qemu counts the size in 512-byte sectors: the padding reads as zeroes.
+    let vsize = size.next_multiple_of(512);
+    let plan = StreamPlan::new(vsize, cluster_size, &ranges)
+        .with_context(|| format!("planning the qcow2 image {}", out.name))?;
+    let pieces = pieces(&plan);
+    let data: u64 = pieces.iter().map(|p| p.1).sum();
+    // What is not read is done already.
+    progress.add(size.saturating_sub(data));
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(READS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || write_image(plan, out, compression, rx));
+    let reads = futures_util::stream::iter(pieces)
+        .map(|(off, len)| {
+            let src = src.clone();
+            async move {
+                let readable = size.saturating_sub(off).min(len);
+                let mut bytes = if readable > 0 {
+                    src.read(off, readable).await?
+                } else {
+                    Bytes::new()
+                };
+                if (bytes.len() as u64) < readable {
+                    bail!(
+                        "read from {} at offset {off} length {readable} failed: short read of {} bytes",
+                        src.name(),
+                        bytes.len()
+                    );
+                }
+                if (bytes.len() as u64) < len {
+                    // The tail up to the next 512 bytes: zeroes.
+                    let mut padded = BytesMut::from(&bytes[..]);
+                    padded.resize(len as usize, 0);
+                    bytes = padded.freeze();
+                }
+                Ok((off, bytes))
+            }
+        })
+        .buffered(READS_IN_FLIGHT);
+    let feed = reads.try_for_each(|(off, bytes)| {
+        let tx = &tx;
+        async move {
+            let n = bytes.len() as u64;
+            // The writer hung up only after failing: its error is the one to report.
+            if tx.send((off, bytes)).await.is_ok() {
+                progress.add(n);
+            }
+            Ok(())
+        }
+    });
+    let fed = feed.await;
+    drop(tx);
+    let written = writer.await.context("the qcow2 writer task failed")?;
+    fed?;
+    let image = written?;
+    Ok(Summary { size, data, image })
+}
+
+/// Runs a copy into a qcow2 destination; `args` were checked by [`check_args`].
+pub async fn run(
+    args: &CopyArgs,
+    src_spec: &Spec,
+    dst_spec: &Spec,
+    open_opts: &endpoints::OpenOptions,
+    progress_out: Option<crate::copy_cmd::ProgressOut>,
+) -> Result<(), Failure> {
+    let out = open_output(dst_spec, &args.destination)?;
+    if args.compress.is_some() && !out.seekable {
+        return Err(usage(format!(
+            "--compress needs a seekable destination (a file or a block device): a compressed \
+             image's tables are known only after its data, and {} is a pipe",
+            out.name
+        )));
+    }
+    let src = open(src_spec, Role::Source, open_opts).await?.endpoint;
+    if src.caps().size.is_none() {
+        let _ = src.close().await;
+        return Err(usage(format!(
+            "--dst-format qcow2 needs a source of known size (the image's tables come first); \
+             {} is a stream",
+            src.name()
+        )));
+    }
+    let progress = Arc::new(Progress::new(src.caps().size));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
+    let reporter = progress_out.map(|(style, out)| {
+        let style = if style == Style::Bar && !std::io::stderr().is_terminal() {
+            Style::Percent
+        } else {
+            style
+        };
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress::report(&progress, style, out, async move {
+                done_rx.await.unwrap_or(false)
+            })
+            .await
+        })
+    });
+    let interrupted = crate::interrupt::interrupted().context("installing the signal handlers")?;
+    let cluster_size = args.cluster_size.unwrap_or(DEFAULT_CLUSTER);
+    let result = tokio::select! {
+        r = write_qcow2(src.clone(), out, cluster_size, args.compress, !args.no_extents, &progress) => r,
+        _ = interrupted => Err(anyhow!("interrupted")),
+    };
+    let _ = done_tx.send(result.is_ok());
+    if let Some(r) = reporter {
+        let _ = r.await;
+    }
+    let closed = if result.is_ok() {
+        src.close().await
+    } else {
+        src.abort().await
+    };
+    let summary = result?;
+    closed?;
+    if args.verbose {
+        let secs = progress.elapsed().as_secs_f64();
+        eprintln!(
+            "ferry: wrote qcow2 image {} of {} in {secs:.3} s ({}): {} of data clusters read, \
+             image file {}, cluster size {}, compression {}",
+            args.destination,
+            units::size(summary.size),
+            units::rate(summary.size, secs),
+            units::size(summary.data),
+            units::size(summary.image),
+            units::size(cluster_size),
+            match args.compress {
+                Some(Compression::Zstd) => "zstd",
+                Some(Compression::Zlib) => "zlib",
+                None => "none",
+            }
+        );
+    }
+    Ok(())
+}
