@@ -11,5 +11,7 @@ mod open;
 mod spec;
 
 pub use error::Error;
-pub use open::{Format, HttpSettings, NbdOptions, OpenOptions, Opened, Role, open};
+pub use open::{
+    Format, HttpSettings, NbdOptions, OpenOptions, Opened, Role, looks_like_qcow2, open,
+};
 pub use spec::{Spec, extract_commands};

@@ -164,8 +164,8 @@ impl std::str::FromStr for Format {
 /// qcow2's magic, the first four bytes of every image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-/// Does the file start with qcow2's magic?
-fn looks_like_qcow2(path: &Path) -> Result<bool, DiskError> {
+/// Does the file start with qcow2's magic? (What `Format::Auto` decides by.)
+pub fn looks_like_qcow2(path: &Path) -> Result<bool, DiskError> {
     use std::io::Read;
     let name = path.display().to_string();
     let mut f = std::fs::File::open(path).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;

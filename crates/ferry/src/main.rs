@@ -54,7 +54,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Print the extents (data, zero, hole) of an NBD export or a local file.
     Map(map::MapArgs),
-    /// Serve a raw file or block device over NBD (qemu-nbd-like; socket activation works).
+    /// Serve a raw file, block device or (read-only) qcow2 image over NBD (qemu-nbd-like;
+    /// socket activation works).
     NbdServer(nbd_server_cmd::NbdServerArgs),
     /// Run the main job on an embedded sample image and verify the results.
     Demo(demo::DemoArgs),

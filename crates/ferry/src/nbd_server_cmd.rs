@@ -1,21 +1,29 @@
 //! `ferry nbd-server FILE`: serve a raw file or block device over NBD, like qemu-nbd, on a unix
-//! socket, a TCP address, or a socket passed by systemd socket activation.
+//! socket, a TCP address, or a socket passed by systemd socket activation; with `--format
+//! qcow2` (or `auto`), the disk a qcow2 image holds, read-only, with block status from its
+//! tables.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use disk::Endpoint;
 use disk::export::EndpointExport;
 use disk::file::FileEndpoint;
+use endpoints::{Format, Role, Spec};
 use nbd::server::{Listener, ServerConfig, SingleExport};
 
 use crate::{Failure, usage};
 
 #[derive(clap::Args, Debug)]
 pub struct NbdServerArgs {
-    /// Raw image file or block device to serve.
+    /// Image file or block device to serve.
     pub file: PathBuf,
+    /// How FILE is read: `raw` (its bytes, the default), `qcow2` (the disk it holds, backing
+    /// files followed; needs --read-only) or `auto` (qcow2 by its magic, without backing files).
+    #[arg(short = 'f', long, value_name = "FORMAT", default_value = "raw", value_parser = crate::copy_cmd::parse_format)]
+    pub format: endpoints::Format,
     /// Refuse writes.
     #[arg(short = 'r', long)]
     pub read_only: bool,
@@ -97,12 +105,34 @@ fn activated_socket() -> Result<Option<Listener>, Failure> {
 }
 
 pub async fn run(args: NbdServerArgs) -> Result<(), Failure> {
-    let endpoint = if args.read_only {
-        FileEndpoint::open_source(&args.file, args.direct)?
-    } else {
-        FileEndpoint::open_existing(&args.file, args.direct)?
+    let qcow2 = match args.format {
+        Format::Raw => false,
+        Format::Qcow2 => true,
+        Format::Auto => endpoints::looks_like_qcow2(&args.file)?,
     };
-    let export = EndpointExport::new(Arc::new(endpoint), args.read_only, String::new());
+    if qcow2 && !args.read_only {
+        return Err(usage(format!(
+            "{} is served as qcow2, which is read-only for now (writing into a qcow2 image is \
+             not implemented): add --read-only",
+            args.file.display()
+        )));
+    }
+    let endpoint: Arc<dyn Endpoint> = if qcow2 {
+        let opts = endpoints::OpenOptions {
+            src_format: args.format,
+            direct: args.direct,
+            ..endpoints::OpenOptions::default()
+        };
+        let spec = Spec::Path(args.file.clone());
+        crate::endpoint::open(&spec, Role::Source, &opts)
+            .await?
+            .endpoint
+    } else if args.read_only {
+        Arc::new(FileEndpoint::open_source(&args.file, args.direct)?)
+    } else {
+        Arc::new(FileEndpoint::open_existing(&args.file, args.direct)?)
+    };
+    let export = EndpointExport::new(endpoint, args.read_only, String::new());
     let exports = Arc::new(SingleExport {
         name: args.export_name.clone(),
         export: Arc::new(export),

@@ -18,7 +18,6 @@ use std::io::{BufWriter, IsTerminal};
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
@@ -130,7 +129,15 @@ struct Output {
     seekable: bool,
 }
 
-fn open_output(spec: &Spec, word: &str) -> Result<Output, Failure> {
+/// Opens the destination. `seek`: the writer must seek (compression), checked before a pipe
+/// is opened, since opening one waits for its reader.
+fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
+    let refuse = |name: &str| {
+        usage(format!(
+            "--compress needs a seekable destination (a file or a block device): a compressed \
+             image's tables are known only after its data, and {name} is a pipe"
+        ))
+    };
     match spec {
         Spec::Stdio => {
             let fd = std::io::stdout()
@@ -139,47 +146,46 @@ fn open_output(spec: &Spec, word: &str) -> Result<Output, Failure> {
                 .context("duplicating stdout")?;
             let file = File::from(fd);
             let t = file.metadata().context("stat of stdout")?.file_type();
+            let seekable = t.is_file() || t.is_block_device();
+            if seek && !seekable {
+                return Err(refuse("stdout"));
+            }
             Ok(Output {
                 name: "stdout".into(),
-                seekable: t.is_file() || t.is_block_device(),
+                seekable,
                 file,
             })
         }
-        Spec::Path(path) => open_path(path),
+        Spec::Path(path) => {
+            let name = path.display().to_string();
+            let existing = std::fs::metadata(path).ok().map(|m| m.file_type());
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true);
+            let seekable = match existing {
+                // Pipes, sockets and devices are written as they are, never truncated.
+                Some(t) if !t.is_file() => t.is_block_device(),
+                _ => {
+                    open.create(true).truncate(true);
+                    true
+                }
+            };
+            if seek && !seekable {
+                return Err(refuse(&name));
+            }
+            let file = open
+                .open(path)
+                .with_context(|| format!("open {name} failed"))?;
+            Ok(Output {
+                name,
+                file,
+                seekable,
+            })
+        }
         _ => Err(usage(format!(
             "--dst-format qcow2 writes a local file, a block device or a pipe (- for \
              stdout), not {word}"
         ))),
     }
-}
-
-fn open_path(path: &Path) -> Result<Output, Failure> {
-    let name = path.display().to_string();
-    let existing = std::fs::metadata(path).ok().map(|m| m.file_type());
-    let (file, seekable) = match existing {
-        // Pipes, sockets and devices are written as they are, never truncated.
-        Some(t) if !t.is_file() => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .with_context(|| format!("open {name} failed"))?;
-            (file, t.is_block_device())
-        }
-        _ => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .with_context(|| format!("open {name} failed"))?;
-            (file, true)
-        }
-    };
-    Ok(Output {
-        name,
-        file,
-        seekable,
-    })
 }
 
 /// The source's data as byte ranges, in order, merged: every range its extents do not report
@@ -368,14 +374,7 @@ pub async fn run(
     open_opts: &endpoints::OpenOptions,
     progress_out: Option<crate::copy_cmd::ProgressOut>,
 ) -> Result<(), Failure> {
-    let out = open_output(dst_spec, &args.destination)?;
-    if args.compress.is_some() && !out.seekable {
-        return Err(usage(format!(
-            "--compress needs a seekable destination (a file or a block device): a compressed \
-             image's tables are known only after its data, and {} is a pipe",
-            out.name
-        )));
-    }
+    let out = open_output(dst_spec, &args.destination, args.compress.is_some())?;
     let src = open(src_spec, Role::Source, open_opts).await?.endpoint;
     if src.caps().size.is_none() {
         let _ = src.close().await;
