@@ -290,11 +290,28 @@ fn write_image(
     Ok(size)
 }
 
-/// What a qcow2 copy did, for `-v`.
-struct Summary {
-    size: u64,
-    data: u64,
-    image: u64,
+/// What a qcow2 copy did.
+pub struct Summary {
+    /// The source's size.
+    pub size: u64,
+    /// Bytes read from the source: its data, rounded out to clusters.
+    pub data: u64,
+    /// Size of the image file.
+    pub image: u64,
+}
+
+/// Writes `src` as a new qcow2 image file at `path` (created or truncated), as `ferry copy
+/// SRC PATH --dst-format qcow2` does.
+pub async fn write_file(
+    src: Arc<dyn Endpoint>,
+    path: &std::path::Path,
+    cluster_size: u64,
+    compression: Option<Compression>,
+) -> anyhow::Result<Summary> {
+    let out = open_output(&Spec::Path(path.to_path_buf()), "", compression.is_some())
+        .map_err(|f| f.error)?;
+    let progress = Progress::new(src.caps().size);
+    write_qcow2(src, out, cluster_size, compression, true, &progress).await
 }
 
 async fn write_qcow2(
