@@ -5,6 +5,7 @@
 //! limits whatever the image size. The first error stops the copy; work in flight is drained
 //! and the error names the endpoint, operation, offset and length.
 
+pub mod data_ranges;
 mod engine;
 pub mod journal;
 pub mod plan;

@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal};
-use std::ops::Range;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
@@ -33,9 +32,6 @@ use crate::copy_cmd::CopyArgs;
 use crate::endpoint::open;
 use crate::{Failure, usage};
 
-/// Extents are asked for in windows this large, so a huge sparse source never needs one
-/// enormous reply.
-const EXTENTS_WINDOW: u64 = 1 << 30;
 /// Largest read; a multiple of every cluster size, so each piece starts on a cluster.
 const PIECE: u64 = 4 << 20;
 /// Reads in flight ahead of the writer.
@@ -188,48 +184,6 @@ fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
     }
 }
 
-/// The source's data as byte ranges, in order, merged: every range its extents do not report
-/// as reading zeroes. A source without extents is all data.
-async fn data_ranges(
-    src: &dyn Endpoint,
-    size: u64,
-    use_extents: bool,
-) -> anyhow::Result<Vec<Range<u64>>> {
-    if !use_extents || !src.caps().extents {
-        return Ok(std::iter::once(0..size).filter(|r| !r.is_empty()).collect());
-    }
-    let mut ranges: Vec<Range<u64>> = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let len = EXTENTS_WINDOW.min(size - offset);
-        let extents = src.extents(offset, len).await?;
-        let mut pos = offset;
-        for e in extents {
-            let start = e.offset.max(pos);
-            let end = e.end().min(offset + len);
-            if end <= start {
-                continue;
-            }
-            if !e.zero {
-                match ranges.last_mut() {
-                    Some(last) if last.end == start => last.end = end,
-                    _ => ranges.push(start..end),
-                }
-            }
-            pos = end;
-        }
-        if pos < offset + len {
-            // Not described: it must be read.
-            match ranges.last_mut() {
-                Some(last) if last.end == pos => last.end = offset + len,
-                _ => ranges.push(pos..offset + len),
-            }
-        }
-        offset += len;
-    }
-    Ok(ranges)
-}
-
 /// The planned clusters as reads of at most [`PIECE`] bytes, each starting on a cluster.
 fn pieces(plan: &StreamPlan) -> Vec<(u64, u64)> {
     let vsize = plan.virtual_size();
@@ -326,7 +280,7 @@ async fn write_qcow2(
         .caps()
         .size
         .ok_or_else(|| anyhow!("{}: a stream has no size", src.name()))?;
-    let ranges = data_ranges(src.as_ref(), size, use_extents).await?;
+    let ranges = copy::data_ranges::data_ranges(src.as_ref(), size, use_extents).await?;
     // qemu counts the size in 512-byte sectors: the padding reads as zeroes.
     let vsize = size.next_multiple_of(512);
     let plan = StreamPlan::new(vsize, cluster_size, &ranges)
