@@ -208,29 +208,33 @@ fn write_image(
     mut data: tokio::sync::mpsc::Receiver<(u64, Bytes)>,
 ) -> anyhow::Result<u64> {
     let name = out.name.clone();
-    let ctx = |what: &str| format!("{what} qcow2 image {name}");
+    // The image error's text already holds its cause: no error chain, which would repeat it.
+    let ctx = |what: &str| {
+        let name = name.clone();
+        let what = what.to_string();
+        move |e: qcow2::Qcow2Error| anyhow!("{what} qcow2 image {name} failed: {e}")
+    };
+    let at = |off: u64| {
+        let name = name.clone();
+        move |e: qcow2::Qcow2Error| anyhow!("write to {name} at guest offset {off} failed: {e}")
+    };
     let buffered = BufWriter::with_capacity(OUT_BUFFER, out.file);
     let (buffered, size) = match compression {
         None => {
-            let mut w = plan.writer(buffered).with_context(|| ctx("write to"))?;
+            let mut w = plan.writer(buffered).map_err(ctx("write to"))?;
             while let Some((off, bytes)) = data.blocking_recv() {
-                w.write_cluster_data(off, &bytes)
-                    .with_context(|| format!("write to {name} at guest offset {off}"))?;
+                w.write_cluster_data(off, &bytes).map_err(at(off))?;
             }
-            (
-                w.finish().with_context(|| ctx("finish"))?,
-                plan.image_size(),
-            )
+            (w.finish().map_err(ctx("finish"))?, plan.image_size())
         }
         Some(c) => {
             let mut w = plan
                 .compressed_writer(buffered, c)
-                .with_context(|| ctx("write to"))?;
+                .map_err(ctx("write to"))?;
             while let Some((off, bytes)) = data.blocking_recv() {
-                w.write_cluster_data(off, &bytes)
-                    .with_context(|| format!("write to {name} at guest offset {off}"))?;
+                w.write_cluster_data(off, &bytes).map_err(at(off))?;
             }
-            w.finish().with_context(|| ctx("finish"))?
+            w.finish().map_err(ctx("finish"))?
         }
     };
     let file = buffered
@@ -243,6 +247,18 @@ fn write_image(
     }
     Ok(size)
 }
+
+/// The reads stopped because the writer did (and reports why).
+#[derive(Debug)]
+struct WriterStopped;
+
+impl std::fmt::Display for WriterStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the qcow2 writer stopped")
+    }
+}
+
+impl std::error::Error for WriterStopped {}
 
 /// What a qcow2 copy did.
 pub struct Summary {
@@ -322,18 +338,21 @@ async fn write_qcow2(
         let tx = &tx;
         async move {
             let n = bytes.len() as u64;
-            // The writer hung up only after failing: its error is the one to report.
-            if tx.send((off, bytes)).await.is_ok() {
-                progress.add(n);
-            }
+            // Closed only when the writer stopped early: its error is the one reported.
+            tx.send((off, bytes)).await.map_err(|_| WriterStopped)?;
+            progress.add(n);
             Ok(())
         }
     });
     let fed = feed.await;
     drop(tx);
     let written = writer.await.context("the qcow2 writer task failed")?;
-    fed?;
-    let image = written?;
+    let image = match fed {
+        Err(e) if e.is::<WriterStopped>() => written?,
+        // A read error leaves the writer short of data: report the read, not the writer.
+        Err(e) => return Err(e),
+        Ok(()) => written?,
+    };
     Ok(Summary { size, data, image })
 }
 

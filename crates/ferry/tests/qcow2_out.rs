@@ -400,3 +400,16 @@ fn a_fifo_destination_receives_the_streamed_image() {
     let last: Value = serde_json::from_str(progress.lines().last().unwrap()).unwrap();
     assert_eq!(last["percent"].as_u64(), Some(100), "{progress}");
 }
+
+#[test]
+fn a_destination_that_fails_exits_1_naming_it() {
+    let dir = testutil::temp_dir();
+    let src = raw_source(dir.path());
+    let out = ferry_copy(&[src.to_str().unwrap(), "/dev/full", "--dst-format", "qcow2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("/dev/full") && err.contains("No space left on device"),
+        "{err}"
+    );
+}
