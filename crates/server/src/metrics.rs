@@ -276,6 +276,14 @@ impl Metrics {
 
     /// A request answered with `status` after `elapsed`.
     pub fn request(&self, service: &'static str, method: &str, status: u16, elapsed: Duration) {
+        // Clients choose the method: anything but the standard ones shares one label, so a
+        // client cannot grow the metrics without bound.
+        const KNOWN: &[&str] = &["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS"];
+        let method = if KNOWN.contains(&method) {
+            method
+        } else {
+            "other"
+        };
         self.requests
             .get_or_create(&RequestLabels {
                 service,
