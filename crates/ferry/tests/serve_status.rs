@@ -113,6 +113,7 @@ fn metrics_count_the_bytes_curl_moved() {
     assert_eq!(curl(&["-H", "Range: bytes=0-2097151", &data]), 206);
     let unknown = format!("http://127.0.0.1:{}/images/nope", serve.port());
     assert_eq!(curl(&[&unknown]), 403);
+    assert_eq!(curl(&["-X", "BREW", &data]), 405);
 
     let text = get_text(&format!("{}/metrics", control(&serve)));
     let m = samples(&text);
@@ -145,10 +146,16 @@ fn metrics_count_the_bytes_curl_moved() {
         value("ferry_request_duration_seconds_count{method=PATCH,service=remote}"),
         1.0
     );
-    // Four curl runs, four connections, all closed by now or closing.
+    // A method a client made up is counted, under one shared label.
+    assert_eq!(
+        value("ferry_requests_total{method=other,service=remote,status=405}"),
+        1.0
+    );
+    assert!(!text.contains("BREW"), "no label set per made-up method");
+    // Five curl runs, five connections, all closed by now or closing.
     assert_eq!(
         value("ferry_connections_accepted_total{service=remote}"),
-        4.0
+        5.0
     );
     assert!(
         text.trim_end().ends_with("# EOF"),
