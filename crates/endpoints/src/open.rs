@@ -327,8 +327,9 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
                 Arc::new(Qcow2Endpoint::open(path, false).map_err(|mut e| {
                     if e.cause.contains("backing") {
                         e.cause.push_str(
-                            " (a probed image may not name other files; \
-                             --src-format qcow2 follows its backing chain)",
+                            " (a probed image may not name other files; saying the \
+                             format is qcow2 follows its backing chain: --src-format qcow2, \
+                             or --format qcow2 for nbd-server)",
                         );
                     }
                     e
