@@ -2,16 +2,24 @@
 //! into a local file, a block device, or a pipe (stdout with `-`).
 //!
 //! This module owns that path end to end: which destinations and flags a qcow2 output accepts,
-//! planning the image from the source's extents (ranges the source reports as zero are left
-//! unallocated; data extents become data clusters, zeroes inside them included, since the plan
-//! is fixed before any byte is read), reading the planned data with several reads in flight,
-//! and feeding the `qcow2` crate's writer on a thread of its own (its writes are blocking, and
-//! compression runs on all cores there).
+//! planning the image from the source's extents (ranges the source reports as zero are never
+//! read), reading the planned data with several reads in flight, and feeding one of the
+//! `qcow2` crate's writers on a thread of its own (its writes are blocking, and compression
+//! runs on all cores there).
+//!
+//! Which writer: a regular file or a block device gets the seekable writer (data first, tables
+//! and header at the end), plain or compressed. It sees each cluster before placing it, so a
+//! cluster of zeroes inside a data extent (a raw file's written zeroes, which its extents
+//! report as data) is left unallocated, as `qemu-img convert` does: the image holds only the
+//! clusters with data. A pipe cannot seek, so it gets the streaming writer, which writes
+//! every table first from the plan alone and must then store every planned cluster, zeroes
+//! included; compression is refused there. Stdout is streamed too unless compressing (which
+//! needs it to be a file or a block device): it may have been opened for appending.
 //!
 //! It does not go through the copy engine: the engine writes pieces in whatever order their
-//! reads complete, while a qcow2 writer needs its data in guest order — the streaming writer
-//! has already written every table, which fixes where each cluster lands in the file, and
-//! writes strictly forward so it can feed a pipe.
+//! reads complete, while both qcow2 writers need their data in guest order — the streaming
+//! writer has already written every table, which fixes where each cluster lands in the file,
+//! and the seekable one appends each cluster at the end of what it has written.
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal};
@@ -123,6 +131,11 @@ struct Output {
     file: File,
     /// Regular file or block device: can seek (compression) and be fsynced.
     seekable: bool,
+    /// A file or block device ferry opened itself, at offset 0 and not for appending: the
+    /// plain image goes out data first with its zero clusters left out. Stdout is streamed
+    /// even when it is a file: the shell may have opened it for appending (`>>`), where the
+    /// seek back to the header would not land at its start.
+    data_first: bool,
 }
 
 /// Opens the destination. `seek`: the writer must seek (compression), checked before a pipe
@@ -149,6 +162,7 @@ fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
             Ok(Output {
                 name: "stdout".into(),
                 seekable,
+                data_first: false,
                 file,
             })
         }
@@ -175,6 +189,7 @@ fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
                 name,
                 file,
                 seekable,
+                data_first: seekable,
             })
         }
         _ => Err(usage(format!(
@@ -200,7 +215,9 @@ fn pieces(plan: &StreamPlan) -> Vec<(u64, u64)> {
     out
 }
 
-/// The writer side: the streaming or the compressed writer, on a plain thread.
+/// The writer side, on a plain thread: the seekable writer when compressing, or when the
+/// destination is a file or block device ferry opened (it leaves all-zero clusters out); the
+/// streaming one otherwise.
 fn write_image(
     plan: StreamPlan,
     out: Output,
@@ -220,17 +237,19 @@ fn write_image(
     };
     let buffered = BufWriter::with_capacity(OUT_BUFFER, out.file);
     let (buffered, size) = match compression {
-        None => {
+        None if !out.data_first => {
             let mut w = plan.writer(buffered).map_err(ctx("write to"))?;
             while let Some((off, bytes)) = data.blocking_recv() {
                 w.write_cluster_data(off, &bytes).map_err(at(off))?;
             }
             (w.finish().map_err(ctx("finish"))?, plan.image_size())
         }
-        Some(c) => {
-            let mut w = plan
-                .compressed_writer(buffered, c)
-                .map_err(ctx("write to"))?;
+        _ => {
+            let w = match compression {
+                Some(c) => plan.compressed_writer(buffered, c),
+                None => plan.seekable_writer(buffered),
+            };
+            let mut w = w.map_err(ctx("write to"))?;
             while let Some((off, bytes)) = data.blocking_recv() {
                 w.write_cluster_data(off, &bytes).map_err(at(off))?;
             }

@@ -6,8 +6,8 @@
 //! serves the guest view ([`Image::read_at`]), the allocation map with qemu's allocation depth
 //! ([`Image::extents`]) and the dirty ranges of a bitmap ([`Image::bitmap_dirty`]). The reader
 //! never writes; new images are written by the `writer` module ([`StreamPlan`]: one sequential
-//! pass with the metadata first, so the destination can be a pipe; [`CompressedWriter`] for
-//! compressed images on a seekable file). Every value read from the image is checked before it
+//! pass with the metadata first, so the destination can be a pipe; [`SeekableWriter`] data
+//! first on a seekable file, leaving all-zero clusters unallocated, plain or compressed). Every value read from the image is checked before it
 //! is used: a corrupt or hostile image gives a [`Qcow2Error`] naming the file and the offset,
 //! never a panic, a hang or an allocation larger than the file or a fixed cap.
 //!
@@ -49,8 +49,7 @@ pub use error::{ErrorKind, Qcow2Error, Result};
 pub use header::Compression;
 pub use storage::Storage;
 pub use writer::{
-    CompressedWriter, StreamPlan, StreamWriter, WriteOptions, write_from_raw,
-    write_from_raw_seekable,
+    SeekableWriter, StreamPlan, StreamWriter, WriteOptions, write_from_raw, write_from_raw_seekable,
 };
 
 use header::{Header, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, read_exact};

@@ -74,7 +74,8 @@ fn source(seed: u64, size: u64) -> (Vec<u8>, Vec<Range<u64>>) {
             }
             _ => {
                 bytes.copy_from_slice(&noise(rng.next(), len as usize));
-                // A zero run inside the data: stays data.
+                // A zero run inside the data: stays data in a streamed image, unallocated in
+                // one from the seekable writer.
                 let z = (len / 3) as usize;
                 bytes[z..2 * z].fill(0);
             }
@@ -162,7 +163,13 @@ fn expected_map(plan: &StreamPlan) -> Vec<qcow2::Extent> {
     out
 }
 
-/// All the checks on one written image.
+/// The plan whose map a data-first image must show for `src`: only the clusters holding
+/// anything but zeroes.
+fn zeroes_left_out(src: &[u8], cs: u64) -> StreamPlan {
+    StreamPlan::new(src.len() as u64, cs, &nonzero_ranges(src, cs)).unwrap()
+}
+
+/// All the checks on one written image; `plan` gives the map it must have.
 fn verify(image: &Path, raw: &Path, src: &[u8], plan: &StreamPlan, dir: &Path) {
     qemu_check(image);
     qemu_compare(raw, image);
@@ -242,7 +249,7 @@ fn compressed_images() {
                 "{compression:?} {cs}: {len} vs {}",
                 plan.image_size()
             );
-            verify(&image, &raw, &src, &plan, dir.path());
+            verify(&image, &raw, &src, &zeroes_left_out(&src, cs), dir.path());
             let img = Image::open(&image, &OpenOptions::default()).unwrap();
             assert_eq!(img.compression(), compression);
             let info = qemu_img(&["info", "--output=json", p(&image)]);
@@ -256,6 +263,65 @@ fn compressed_images() {
                 "{info}"
             );
         }
+    }
+}
+
+#[test]
+fn seekable_images_leave_zero_clusters_unallocated() {
+    let dir = TempDir::new().unwrap();
+    let (src, ranges) = source(41, SIZE);
+    let raw = dir.path().join("src.raw");
+    std::fs::write(&raw, &src).unwrap();
+    let whole = [0..SIZE];
+    for cs in [512u64, 4096, 65536, 2 << 20] {
+        let want = zeroes_left_out(&src, cs);
+        // The source's zero runs inside data must give unallocated clusters; they are too short
+        // to hold a whole 2 MiB cluster.
+        assert!(
+            cs > 65536
+                || want.data_clusters()
+                    < StreamPlan::new(SIZE, cs, &ranges).unwrap().data_clusters(),
+            "{cs}: the source has zero clusters inside its data"
+        );
+        // Planned from the data ranges, or the whole disk planned as data: the same image.
+        for (how, planned) in [("ranges", &ranges[..]), ("whole", &whole[..])] {
+            let plan = StreamPlan::new(SIZE, cs, planned).unwrap();
+            let image = dir.path().join(format!("z{cs}-{how}.qcow2"));
+            let file = std::fs::File::create(&image).unwrap();
+            let mut w = plan.seekable_writer(file).unwrap();
+            feed(&plan, &src, |off, b| w.write_cluster_data(off, b));
+            let (_, len) = w.finish().unwrap();
+            assert_eq!(std::fs::metadata(&image).unwrap().len(), len, "{cs} {how}");
+            // The same clusters as a streamed image of only the non-zero clusters, in another
+            // order.
+            assert_eq!(len, want.image_size(), "{cs} {how}");
+            verify(&image, &raw, &src, &want, dir.path());
+            let img = Image::open(&image, &OpenOptions::default()).unwrap();
+            assert_eq!(img.compression(), Compression::Zlib, "no compression type");
+        }
+    }
+}
+
+#[test]
+fn an_all_zero_source_gives_a_seekable_image_without_l2_tables() {
+    let dir = TempDir::new().unwrap();
+    let size = 16u64 << 20;
+    let src = vec![0u8; size as usize];
+    let raw = dir.path().join("zero.raw");
+    std::fs::write(&raw, &src).unwrap();
+    for cs in [512u64, 65536] {
+        let plan = StreamPlan::new(size, cs, &[0..size]).unwrap();
+        let image = dir.path().join(format!("zero{cs}.qcow2"));
+        let mut w = plan
+            .seekable_writer(std::fs::File::create(&image).unwrap())
+            .unwrap();
+        feed(&plan, &src, |off, b| w.write_cluster_data(off, b));
+        let (_, len) = w.finish().unwrap();
+        // Header, L1, refcount table and one refcount block.
+        let l1 = (size.div_ceil(cs * cs / 8) * 8).div_ceil(cs);
+        assert_eq!(len, (3 + l1) * cs, "{cs}");
+        let empty = StreamPlan::new(size, cs, &[]).unwrap();
+        verify(&image, &raw, &src, &empty, dir.path());
     }
 }
 
@@ -381,13 +447,21 @@ fn writes_outside_the_plan_are_errors() {
     let bytes = w.finish().unwrap().0;
     assert_eq!(bytes.len() as u64, plan.image_size());
 
-    // The compressed writer keeps the same contract.
+    // The seekable writers keep the same contract, zero clusters included.
     let dir = TempDir::new().unwrap();
-    let file = std::fs::File::create(dir.path().join("c.qcow2")).unwrap();
-    let mut w = plan.compressed_writer(file, Compression::Zstd).unwrap();
-    assert!(w.write_cluster_data(98304, &c).is_err());
-    w.write_cluster_data(8192, &c).unwrap();
-    assert!(w.finish().is_err());
+    for compression in [Some(Compression::Zstd), None] {
+        let file = std::fs::File::create(dir.path().join("c.qcow2")).unwrap();
+        let mut w = match compression {
+            Some(c) => plan.compressed_writer(file, c),
+            None => plan.seekable_writer(file),
+        }
+        .unwrap();
+        assert!(w.write_cluster_data(98304, &c).is_err());
+        w.write_cluster_data(8192, &vec![0; cs as usize]).unwrap();
+        assert!(w.write_cluster_data(8192, &c).is_err());
+        w.write_cluster_data(12288, &c).unwrap();
+        assert!(w.finish().is_err());
+    }
 }
 
 /// A raw file with holes (never written), written zero clusters and data; its size is not a
@@ -429,28 +503,29 @@ fn nonzero_ranges(src: &[u8], cs: u64) -> Vec<Range<u64>> {
 fn from_raw_files() {
     let dir = TempDir::new().unwrap();
     let (raw, src) = raw_file(dir.path(), 31, SIZE);
-    for (cs, compression) in [
-        (65536u64, None),
-        (4096, None),
-        (65536, Some(Compression::Zstd)),
-        (512, Some(Compression::Zlib)),
+    for (cs, compression, seekable) in [
+        (65536u64, None, false),
+        (4096, None, false),
+        (65536, None, true),
+        (512, None, true),
+        (65536, Some(Compression::Zstd), true),
+        (512, Some(Compression::Zlib), true),
     ] {
         let opts = qcow2::WriteOptions {
             cluster_size: cs,
             compression,
         };
-        let image = dir.path().join(format!("r{cs}-{compression:?}.qcow2"));
-        match compression {
-            None => {
-                let bytes = qcow2::write_from_raw(&raw, Pipe(Vec::new()), &opts)
-                    .unwrap()
-                    .0;
-                std::fs::write(&image, bytes).unwrap();
-            }
-            Some(_) => {
-                let file = std::fs::File::create(&image).unwrap();
-                qcow2::write_from_raw_seekable(&raw, file, &opts).unwrap();
-            }
+        let image = dir
+            .path()
+            .join(format!("r{cs}-{compression:?}-{seekable}.qcow2"));
+        if seekable {
+            let file = std::fs::File::create(&image).unwrap();
+            qcow2::write_from_raw_seekable(&raw, file, &opts).unwrap();
+        } else {
+            let bytes = qcow2::write_from_raw(&raw, Pipe(Vec::new()), &opts)
+                .unwrap()
+                .0;
+            std::fs::write(&image, bytes).unwrap();
         }
         let plan = StreamPlan::new(SIZE, cs, &nonzero_ranges(&src, cs)).unwrap();
         verify(&image, &raw, &src, &plan, dir.path());
@@ -563,7 +638,7 @@ fn many_small_clusters() {
         .unwrap();
     feed(&plan, &src, |off, b| w.write_cluster_data(off, b));
     w.finish().unwrap();
-    verify(&image, &raw, &src, &plan, dir.path());
+    verify(&image, &raw, &src, &zeroes_left_out(&src, 512), dir.path());
 }
 
 /// Random plans (sizes, cluster sizes, ranges across L2 table boundaries) read back through
