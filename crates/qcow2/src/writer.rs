@@ -44,11 +44,12 @@
 //!
 //! Data clusters go out in guest order at the next free host offset; an L2 table follows the
 //! data it maps, and an L2 table that would map nothing (all its clusters zero) is not
-//! written. Plain clusters are written straight from the caller's buffer. Compressed ones are
-//! compressed in batches on all cores (rayon), packed at byte granularity, and a cluster that
-//! does not shrink is stored uncompressed at a cluster boundary. The header is written at the
-//! end, with a seek to offset 0. Memory: one batch of clusters (compressed only), one L2 table,
-//! the L1 table and 2 bytes of refcount per host cluster.
+//! written. Plain clusters go out a run of non-zero clusters per write, straight from the
+//! caller's buffer (no copy into the output buffer). Compressed ones are compressed in batches
+//! on all cores (rayon), packed at byte granularity, and a cluster that does not shrink is
+//! stored uncompressed at a cluster boundary. The header is written at the end, with a seek to
+//! offset 0. Memory: one batch of clusters (compressed only), one L2 table, the L1 table and 2
+//! bytes of refcount per host cluster.
 //!
 //! Zero detection reads every byte that is written, so it ORs 16-byte words in blocks of 128
 //! bytes (which the compiler vectorizes) and stops at the first block with a set bit: data
@@ -658,22 +659,45 @@ impl<'p, W: Write + Seek> SeekableWriter<'p, W> {
         let cs = 1usize << cb;
         self.cursor
             .advance(&self.plan.runs, cb, guest_offset, data.len() as u64)?;
+        let Some(compression) = self.compression else {
+            return self.write_plain(guest_offset >> cb, data);
+        };
         for (i, chunk) in data.chunks(cs).enumerate() {
             if is_zero(chunk) {
                 continue;
             }
             let guest = (guest_offset >> cb) + i as u64;
-            let Some(compression) = self.compression else {
-                // Nothing to wait for: straight from the caller's buffer, no copy.
-                self.place(guest, chunk, None)?;
-                continue;
-            };
             let mut c = chunk.to_vec();
             c.resize(cs, 0);
             self.batch.push((guest, c));
             if self.batch.len() >= self.batch_max {
                 self.flush_batch(compression)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Stores the non-zero clusters of `data`, which starts at guest cluster `first`, a run of
+    /// them per write straight from the caller's buffer: a write larger than the output
+    /// buffer bypasses it, so the data is not copied on its way to the file. A run ends at a
+    /// zero cluster and at the end of an L2 table, which is written after the data it maps.
+    fn write_plain(&mut self, first: u64, data: &[u8]) -> Result<()> {
+        let cs = 1usize << self.plan.cluster_bits;
+        let per_l2 = 1u64 << (self.plan.cluster_bits - 3);
+        let n = data.len().div_ceil(cs);
+        let span = |a: usize, b: usize| &data[a * cs..(b * cs).min(data.len())];
+        let mut i = 0;
+        while i < n {
+            if is_zero(span(i, i + 1)) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && !(first + j as u64).is_multiple_of(per_l2) && !is_zero(span(j, j + 1)) {
+                j += 1;
+            }
+            self.place_run(first + i as u64, span(i, j))?;
+            i = j;
         }
         Ok(())
     }
@@ -705,12 +729,10 @@ impl<'p, W: Write + Seek> SeekableWriter<'p, W> {
         self.out.zeroes(pad, "padding")
     }
 
-    /// Stores guest cluster `guest`: `packed` compressed, else `data` (a partial last cluster
-    /// is padded with zeroes).
-    fn place(&mut self, guest: u64, data: &[u8], packed: Option<&[u8]>) -> Result<()> {
-        let cb = self.plan.cluster_bits;
-        let cs = 1u64 << cb;
-        let l2_bits = cb - 3;
+    /// Makes the L2 table of guest cluster `guest` the one being filled, writing out the
+    /// previous one; returns the index of `guest` in it.
+    fn enter_l2(&mut self, guest: u64) -> Result<usize> {
+        let l2_bits = self.plan.cluster_bits - 3;
         let l1 = guest >> l2_bits;
         if self.l2.as_ref().is_some_and(|(i, _)| *i != l1) {
             self.write_l2()?;
@@ -718,34 +740,52 @@ impl<'p, W: Write + Seek> SeekableWriter<'p, W> {
         if self.l2.is_none() {
             self.l2 = Some((l1, vec![0; 1 << l2_bits]));
         }
-        let entry = match packed {
-            Some(bytes) => {
-                // A host cluster shared by very many tiny compressed clusters would overflow
-                // its 16-bit refcount: start a fresh cluster before that.
-                if self.refcounts.get((self.out.pos >> cb) as usize) == Some(&u16::MAX) {
-                    self.align()?;
-                }
-                let host = self.out.pos;
-                let len = bytes.len() as u64;
-                self.out.put(bytes, "compressed data")?;
-                for c in (host >> cb)..=((host + len - 1) >> cb) {
-                    self.inc(c);
-                }
-                let sectors = ((host & 511) + len).div_ceil(512);
-                let x = 62 - (cb - 8);
-                L2_COMPRESSED | ((sectors - 1) << x) | host
-            }
-            None => {
-                self.align()?;
-                let host = self.out.pos;
-                self.out.put(data, "data")?;
-                self.out.zeroes(cs - data.len() as u64, "data")?;
-                self.inc(host >> cb);
-                host | COPIED
-            }
+        Ok((guest & ((1 << l2_bits) - 1)) as usize)
+    }
+
+    /// Stores `data`, whole clusters from guest cluster `guest` on, all in one L2 table, at
+    /// the next cluster boundary; a partial last cluster is padded with zeroes.
+    fn place_run(&mut self, guest: u64, data: &[u8]) -> Result<()> {
+        let cb = self.plan.cluster_bits;
+        let at = self.enter_l2(guest)?;
+        self.align()?;
+        let host = self.out.pos;
+        let count = (data.len() as u64).div_ceil(1 << cb);
+        self.out.put(data, "data")?;
+        self.out.zeroes((count << cb) - data.len() as u64, "data")?;
+        for k in 0..count {
+            self.inc((host >> cb) + k);
+        }
+        let (_, table) = self.l2.as_mut().expect("set by enter_l2");
+        for (k, e) in table[at..at + count as usize].iter_mut().enumerate() {
+            *e = (host + ((k as u64) << cb)) | COPIED;
+        }
+        Ok(())
+    }
+
+    /// Stores guest cluster `guest`: `packed` compressed, else `data` (a partial last cluster
+    /// is padded with zeroes).
+    fn place(&mut self, guest: u64, data: &[u8], packed: Option<&[u8]>) -> Result<()> {
+        let cb = self.plan.cluster_bits;
+        let Some(bytes) = packed else {
+            return self.place_run(guest, data);
         };
-        let (_, table) = self.l2.as_mut().expect("set above");
-        table[(guest & ((1 << l2_bits) - 1)) as usize] = entry;
+        let at = self.enter_l2(guest)?;
+        // A host cluster shared by very many tiny compressed clusters would overflow its
+        // 16-bit refcount: start a fresh cluster before that.
+        if self.refcounts.get((self.out.pos >> cb) as usize) == Some(&u16::MAX) {
+            self.align()?;
+        }
+        let host = self.out.pos;
+        let len = bytes.len() as u64;
+        self.out.put(bytes, "compressed data")?;
+        for c in (host >> cb)..=((host + len - 1) >> cb) {
+            self.inc(c);
+        }
+        let sectors = ((host & 511) + len).div_ceil(512);
+        let x = 62 - (cb - 8);
+        let (_, table) = self.l2.as_mut().expect("set by enter_l2");
+        table[at] = L2_COMPRESSED | ((sectors - 1) << x) | host;
         Ok(())
     }
 
