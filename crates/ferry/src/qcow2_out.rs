@@ -136,6 +136,8 @@ struct Output {
     /// even when it is a file: the shell may have opened it for appending (`>>`), where the
     /// seek back to the header would not land at its start.
     data_first: bool,
+    /// fsync the image before reporting success (`--flush`, as for raw destinations).
+    sync: bool,
 }
 
 /// Opens the destination. `seek`: the writer must seek (compression), checked before a pipe
@@ -163,6 +165,7 @@ fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
                 name: "stdout".into(),
                 seekable,
                 data_first: false,
+                sync: false,
                 file,
             })
         }
@@ -190,6 +193,7 @@ fn open_output(spec: &Spec, word: &str, seek: bool) -> Result<Output, Failure> {
                 file,
                 seekable,
                 data_first: seekable,
+                sync: false,
             })
         }
         _ => Err(usage(format!(
@@ -259,7 +263,7 @@ fn write_image(
     let file = buffered
         .into_inner()
         .map_err(|e| anyhow!("flush {name} failed: {}", e.error()))?;
-    if out.seekable {
+    if out.seekable && out.sync {
         // Durable before success is reported; a pipe has nothing to sync.
         file.sync_all()
             .with_context(|| format!("fsync {name} failed"))?;
@@ -383,7 +387,8 @@ pub async fn run(
     open_opts: &endpoints::OpenOptions,
     progress_out: Option<crate::copy_cmd::ProgressOut>,
 ) -> Result<(), Failure> {
-    let out = open_output(dst_spec, &args.destination, args.compress.is_some())?;
+    let mut out = open_output(dst_spec, &args.destination, args.compress.is_some())?;
+    out.sync = args.flush;
     let src = open(src_spec, Role::Source, open_opts).await?.endpoint;
     if src.caps().size.is_none() {
         let _ = src.close().await;
