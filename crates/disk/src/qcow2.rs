@@ -1,6 +1,7 @@
 //! A qcow2 image as a read-only source: the guest view through the `qcow2` crate's reader, on
 //! tokio's blocking pool (its reads are positional and it is shared by all requests), and
-//! extents from the image's tables instead of the file's holes.
+//! extents from the image's tables instead of the file's holes. With a persistent dirty bitmap
+//! selected, it also reports what changed since the bitmap was added, for incremental copies.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub struct Qcow2Endpoint {
     image: Arc<Image>,
     caps: Caps,
     identity: String,
+    /// The persistent bitmap `dirty` reads.
+    bitmap: Option<String>,
 }
 
 fn kind_of(err: &Qcow2Error) -> ErrorKind {
@@ -68,7 +71,48 @@ impl Qcow2Endpoint {
             image: Arc::new(image),
             caps,
             identity,
+            bitmap: None,
         })
+    }
+
+    /// Selects the persistent dirty bitmap `name` for [`Endpoint::dirty`]. Refused when the
+    /// image has no such bitmap, or its bits cannot be trusted: left in use by a writer that
+    /// did not close the image, or with tables that do not fit the image.
+    pub fn with_bitmap(mut self, name: &str) -> Result<Self, DiskError> {
+        let refuse = |kind: ErrorKind, why: String| {
+            DiskError::new(
+                &self.name,
+                Op::Open,
+                kind,
+                format!("dirty bitmap '{name}': {why}"),
+            )
+        };
+        let bitmaps = self
+            .image
+            .bitmaps()
+            .map_err(|e| disk_error(&self.name, Op::Open, e))?;
+        let Some(bitmap) = bitmaps.into_iter().find(|b| b.name == name) else {
+            return Err(refuse(
+                ErrorKind::NotFound,
+                "the image has no persistent bitmap of that name".into(),
+            ));
+        };
+        if bitmap.in_use {
+            return Err(refuse(
+                ErrorKind::Other,
+                "in use: the image was not closed cleanly (or is open in qemu), so its bits \
+                 cannot be trusted"
+                    .into(),
+            ));
+        }
+        // An empty range still checks the bitmap's table against the image, so an
+        // inconsistent bitmap is refused now rather than in the middle of the copy.
+        self.image
+            .bitmap_dirty(name, 0, 0)
+            .map_err(|e| refuse(kind_of(&e), e.to_string()))?;
+        self.caps.dirty = true;
+        self.bitmap = Some(name.to_string());
+        Ok(self)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -157,7 +201,66 @@ impl Endpoint for Qcow2Endpoint {
         }))
     }
 
+    fn dirty(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<(Extent, bool)>> {
+        let Some(bitmap) = self.bitmap.clone() else {
+            let err = DiskError::new(
+                &self.name,
+                Op::Extents,
+                ErrorKind::Unsupported,
+                "no persistent dirty bitmap was selected",
+            )
+            .at(offset, len);
+            return Box::pin(async move { Err(err) });
+        };
+        Box::pin(self.blocking(Op::Extents, offset, len, move |img| {
+            let changed = img.bitmap_dirty(&bitmap, offset, len)?;
+            Ok(with_clean_gaps(offset, len, &changed))
+        }))
+    }
+
     fn flush(&self) -> BoxFut<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// The dirty ranges of `[offset, offset+len)` (in order, merged, as the bitmap reader returns
+/// them) with the clean ranges between them, so the answer covers the range exactly.
+fn with_clean_gaps(offset: u64, len: u64, dirty: &[(u64, u64)]) -> Vec<(Extent, bool)> {
+    let mut out = Vec::with_capacity(dirty.len() * 2 + 1);
+    let mut pos = offset;
+    for &(start, length) in dirty {
+        if start > pos {
+            out.push((Extent::data(pos, start - pos), false));
+        }
+        out.push((Extent::data(start, length), true));
+        pos = start + length;
+    }
+    if pos < offset + len {
+        out.push((Extent::data(pos, offset + len - pos), false));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_gaps_fill_the_range() {
+        let got = with_clean_gaps(4096, 1 << 20, &[(4096, 65536), (131072, 4096)]);
+        let want = [
+            (4096, 65536, true),
+            (69632, 61440, false),
+            (131072, 4096, true),
+            (135168, (1 << 20) + 4096 - 135168, false),
+        ];
+        let got: Vec<_> = got.iter().map(|(e, d)| (e.offset, e.length, *d)).collect();
+        assert_eq!(got, want);
+        let got = with_clean_gaps(0, 8192, &[]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].0.offset, got[0].0.length, got[0].1),
+            (0, 8192, false)
+        );
     }
 }

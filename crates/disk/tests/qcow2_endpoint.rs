@@ -175,3 +175,85 @@ async fn qcow2_endpoint_open_errors_name_the_image() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn qcow2_endpoint_dirty_reports_the_persistent_bitmap() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "4M"],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 4M", s(&image)],
+    );
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "64k", s(&image), "b0"],
+    );
+    // Unaligned writes: the bitmap marks every 64 KiB granule they touch.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 100k 4k",
+            "-c",
+            "write -z 1M 128k",
+            "-c",
+            "write -P 0x33 1152k 4k",
+            "-c",
+            "write -P 0x44 4032k 64k",
+            s(&image),
+        ],
+    );
+    let ep = Qcow2Endpoint::open(&image, false).unwrap();
+    assert!(!ep.caps().dirty, "no bitmap selected");
+    assert_eq!(
+        ep.dirty(0, 4096).await.unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    let ep = ep.with_bitmap("b0").unwrap();
+    assert!(ep.caps().dirty);
+    let pairs = |v: Vec<(disk::Extent, bool)>| -> Vec<(u64, u64, bool)> {
+        v.into_iter()
+            .map(|(e, d)| (e.offset, e.length, d))
+            .collect()
+    };
+    const K: u64 = 1024;
+    assert_eq!(
+        pairs(ep.dirty(0, 4096 * K).await.unwrap()),
+        [
+            (0, 64 * K, false),
+            (64 * K, 64 * K, true),
+            (128 * K, 896 * K, false),
+            // The zero write and the write right after it, merged.
+            (1024 * K, 192 * K, true),
+            (1216 * K, 2816 * K, false),
+            (4032 * K, 64 * K, true),
+        ]
+    );
+    // A range that starts and ends inside granules: clipped to it, still covered exactly.
+    assert_eq!(
+        pairs(ep.dirty(100 * K, 1000 * K).await.unwrap()),
+        [
+            (100 * K, 28 * K, true),
+            (128 * K, 896 * K, false),
+            (1024 * K, 76 * K, true),
+        ]
+    );
+
+    let err = Qcow2Endpoint::open(&image, false)
+        .unwrap()
+        .with_bitmap("nope")
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("disk.qcow2") && msg.contains("'nope'") && msg.contains("open"),
+        "{msg}"
+    );
+}

@@ -198,6 +198,9 @@ pub struct OpenOptions {
     pub retry: RetryPolicy,
     /// How a source that is a local file or block device is read.
     pub src_format: Format,
+    /// A persistent dirty bitmap of a source opened as qcow2, for an incremental copy (an NBD
+    /// source's bitmap is selected through `nbd.bitmap`).
+    pub qcow2_bitmap: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -212,6 +215,7 @@ impl Default for OpenOptions {
             extents: true,
             retry: RetryPolicy::default(),
             src_format: Format::Raw,
+            qcow2_bitmap: None,
         }
     }
 }
@@ -312,6 +316,14 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
         t.is_fifo() || t.is_socket() || t.is_char_device()
     });
     let source = role == Role::Source;
+    if stream && source && opts.qcow2_bitmap.is_some() {
+        return Err(DiskError::new(
+            &name,
+            Op::Open,
+            disk::ErrorKind::Unsupported,
+            "a persistent dirty bitmap needs a qcow2 image file, not a stream",
+        ));
+    }
     if stream {
         let file = std::fs::OpenOptions::new()
             .read(source)
@@ -320,23 +332,39 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
             .map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
         return Ok(Arc::new(PipeEndpoint::from_file(&name, file, source)));
     }
+    let qcow2 = match (role, opts.src_format) {
+        (Role::Source, Format::Qcow2) => Some(Qcow2Endpoint::open(path, true)?),
+        (Role::Source, Format::Auto) if looks_like_qcow2(path)? => {
+            Some(Qcow2Endpoint::open(path, false).map_err(|mut e| {
+                if e.cause.contains("backing") {
+                    e.cause.push_str(
+                        " (a probed image may not name other files; saying the \
+                         format is qcow2 follows its backing chain: --src-format qcow2, \
+                         or --format qcow2 for nbd-server)",
+                    );
+                }
+                e
+            })?)
+        }
+        _ => None,
+    };
+    if let Some(image) = qcow2 {
+        return Ok(Arc::new(match &opts.qcow2_bitmap {
+            Some(bitmap) => image.with_bitmap(bitmap)?,
+            None => image,
+        }));
+    }
     Ok(match role {
-        Role::Source => match opts.src_format {
-            Format::Qcow2 => Arc::new(Qcow2Endpoint::open(path, true)?),
-            Format::Auto if looks_like_qcow2(path)? => {
-                Arc::new(Qcow2Endpoint::open(path, false).map_err(|mut e| {
-                    if e.cause.contains("backing") {
-                        e.cause.push_str(
-                            " (a probed image may not name other files; saying the \
-                             format is qcow2 follows its backing chain: --src-format qcow2, \
-                             or --format qcow2 for nbd-server)",
-                        );
-                    }
-                    e
-                })?)
-            }
-            Format::Raw | Format::Auto => Arc::new(FileEndpoint::open_source(path, opts.direct)?),
-        },
+        Role::Source if opts.qcow2_bitmap.is_some() => {
+            // Only a qcow2 image keeps bitmaps: copying the whole file instead would be wrong.
+            return Err(DiskError::new(
+                &name,
+                Op::Open,
+                disk::ErrorKind::Unsupported,
+                "a persistent dirty bitmap needs a qcow2 image, and this file is read as raw",
+            ));
+        }
+        Role::Source => Arc::new(FileEndpoint::open_source(path, opts.direct)?),
         // The previous copy is updated in place: never truncated.
         Role::Destination { .. } if opts.incremental || opts.existing_destination => {
             Arc::new(FileEndpoint::open_existing(path, opts.direct)?)

@@ -103,8 +103,9 @@ pub struct CopyArgs {
     /// Write the --blkhash digest to FILE instead of stdout.
     #[arg(long, value_name = "FILE", requires = "blkhash")]
     pub blkhash_file: Option<PathBuf>,
-    /// Incremental copy from an NBD source: copy only what the dirty bitmap NAME
-    /// (qemu:dirty-bitmap:NAME) marks as changed, into an existing destination.
+    /// Incremental copy from an NBD source or a qcow2 image: copy only what the dirty bitmap
+    /// NAME (qemu:dirty-bitmap:NAME, or the image's persistent bitmap with --src-format qcow2)
+    /// marks as changed, into an existing destination.
     #[arg(long, value_name = "NAME")]
     pub bitmap: Option<String>,
     /// Incremental copy: copy only the source's dirty extents (with --bitmap for NBD; an
@@ -137,6 +138,25 @@ pub struct CopyArgs {
     pub http: HttpArgs,
 }
 
+/// `--bitmap NAME` with a local source: the file must be read as a qcow2 image, the only
+/// local format that keeps dirty bitmaps.
+fn check_qcow2_bitmap(path: &Path, args: &CopyArgs) -> Result<(), Failure> {
+    let qcow2 = match args.src_format {
+        endpoints::Format::Qcow2 => true,
+        // Probing fails only when the file cannot be read: opening it then says why.
+        endpoints::Format::Auto => endpoints::looks_like_qcow2(path).unwrap_or(true),
+        endpoints::Format::Raw => false,
+    };
+    if qcow2 {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "--bitmap NAME needs an NBD source or a qcow2 image, and {} is read as raw: add \
+         --src-format qcow2 for a qcow2 image's persistent bitmap",
+        path.display()
+    )))
+}
+
 fn check_request_size(flag: &str, v: Option<u64>) -> Result<(), Failure> {
     match v {
         Some(n) if !n.is_power_of_two() || !(4096..=32 << 20).contains(&n) => Err(usage(format!(
@@ -156,6 +176,11 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
     let mut nbd = args.nbd.options();
     nbd.max_in_flight = Some((args.requests as usize).max(1) * 2);
     nbd.bitmap = args.bitmap.clone();
+    // Only a file read as qcow2 takes it: other local sources were refused with a usage error.
+    let qcow2_bitmap = args
+        .bitmap
+        .clone()
+        .filter(|_| args.src_format != endpoints::Format::Raw);
     endpoints::OpenOptions {
         nbd,
         http: args.http.settings(&args.nbd),
@@ -171,6 +196,7 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
         extents: !args.no_extents,
         retry: args.http.retry(),
         src_format: args.src_format,
+        qcow2_bitmap,
     }
 }
 
@@ -306,6 +332,13 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
                 ));
             }
             Spec::Http(_) => {}
+            Spec::Path(path) if args.bitmap.is_some() => check_qcow2_bitmap(path, &args)?,
+            Spec::Path(_) if args.src_format != endpoints::Format::Raw => {
+                return Err(usage(
+                    "--incremental from a qcow2 image needs --bitmap NAME (one of its \
+                     persistent bitmaps)",
+                ));
+            }
             _ => {
                 return Err(usage(
                     "an incremental copy needs an NBD or imageio source with dirty extents",
