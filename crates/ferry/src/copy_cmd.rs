@@ -108,8 +108,8 @@ pub struct CopyArgs {
     /// marks as changed, into an existing destination.
     #[arg(long, value_name = "NAME")]
     pub bitmap: Option<String>,
-    /// Incremental copy: copy only the source's dirty extents (with --bitmap for NBD; an
-    /// imageio ticket with dirty extents for URLs) into an existing destination.
+    /// Incremental copy: copy only the source's dirty extents (with --bitmap for NBD and qcow2
+    /// images; an imageio ticket with dirty extents for URLs) into an existing destination.
     #[arg(long)]
     pub incremental: bool,
     /// Keep a journal of what is complete and durable on the destination in FILE: after an
