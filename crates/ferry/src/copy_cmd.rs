@@ -172,6 +172,34 @@ pub fn parse_format(s: &str) -> Result<endpoints::Format, String> {
     s.parse()
 }
 
+/// Starts reporting `progress` to `out` (when asked for); the report ends, with its final
+/// line, when the sender is told whether the copy succeeded.
+pub fn start_reporter(
+    progress: &Arc<Progress>,
+    out: Option<ProgressOut>,
+) -> (
+    tokio::sync::oneshot::Sender<bool>,
+    Option<tokio::task::JoinHandle<()>>,
+) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
+    let reporter = out.map(|(style, out)| {
+        let style = if style == Style::Bar && !std::io::stderr().is_terminal() {
+            // A bar redrawn with \r makes a mess in a log; fall back to percent lines.
+            Style::Percent
+        } else {
+            style
+        };
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress::report(&progress, style, out, async move {
+                done_rx.await.unwrap_or(false)
+            })
+            .await
+        })
+    });
+    (done_tx, reporter)
+}
+
 fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
     let mut nbd = args.nbd.options();
     nbd.max_in_flight = Some((args.requests as usize).max(1) * 2);
@@ -414,22 +442,7 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
 
     let progress = Arc::new(Progress::new(src_size));
     let cancel = Cancel::default();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
-    let reporter = progress_out.map(|(style, out)| {
-        let style = if style == Style::Bar && !std::io::stderr().is_terminal() {
-            // A bar redrawn with \r makes a mess in a log; fall back to percent lines.
-            Style::Percent
-        } else {
-            style
-        };
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            progress::report(&progress, style, out, async move {
-                done_rx.await.unwrap_or(false)
-            })
-            .await
-        })
-    });
+    let (done_tx, reporter) = start_reporter(&progress, progress_out);
     let interrupt = {
         let cancel = cancel.clone();
         let interrupted =

@@ -22,7 +22,7 @@
 //! and the seekable one appends each cluster at the end of what it has written.
 
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal};
+use std::io::BufWriter;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
@@ -30,7 +30,6 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use bytes::{Bytes, BytesMut};
 use copy::Progress;
-use copy::progress::{self, Style};
 use disk::Endpoint;
 use endpoints::{Role, Spec};
 use futures_util::{StreamExt, TryStreamExt};
@@ -399,21 +398,7 @@ pub async fn run(
         )));
     }
     let progress = Arc::new(Progress::new(src.caps().size));
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
-    let reporter = progress_out.map(|(style, out)| {
-        let style = if style == Style::Bar && !std::io::stderr().is_terminal() {
-            Style::Percent
-        } else {
-            style
-        };
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            progress::report(&progress, style, out, async move {
-                done_rx.await.unwrap_or(false)
-            })
-            .await
-        })
-    });
+    let (done_tx, reporter) = crate::copy_cmd::start_reporter(&progress, progress_out);
     let interrupted = crate::interrupt::interrupted().context("installing the signal handlers")?;
     let cluster_size = args.cluster_size.unwrap_or(DEFAULT_CLUSTER);
     let result = tokio::select! {

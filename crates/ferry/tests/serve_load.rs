@@ -15,18 +15,6 @@ const MIB: u64 = 1 << 20;
 const TRANSFERS: usize = 64;
 const SIZE: u64 = 2 * MIB;
 
-fn fill(path: &Path, seed: u64) {
-    let mut x = seed | 1;
-    let mut data = vec![0u8; SIZE as usize];
-    for b in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(path, data).unwrap();
-}
-
 /// Peak resident memory of `pid` (VmHWM), bytes.
 fn peak_rss(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -95,7 +83,7 @@ fn sixty_four_concurrent_uploads_and_downloads_are_fair_and_bounded() {
         std::fs::write(&path, doc.to_string()).unwrap();
         args.push("--ticket".into());
         args.push(path.display().to_string());
-        fill(&dir.path().join(format!("src{i}")), i as u64 + 1);
+        testutil::random_file(&dir.path().join(format!("src{i}")), SIZE, i as u64 + 1);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let serve = FerryServe::start(Path::new(env!("CARGO_BIN_EXE_ferry")), dir.path(), &args);

@@ -18,21 +18,6 @@ fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
 }
 
-fn random_file(path: &Path, bytes: u64, seed: u64) {
-    let mut x = seed | 1;
-    let mut data = vec![0u8; bytes as usize];
-    for b in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-    std::fs::File::create(path)
-        .unwrap()
-        .write_all(&data)
-        .unwrap();
-}
-
 /// A ticket document for a new empty `size`-byte image; returns (ticket file, image).
 fn ticket(dir: &Path, id: &str, size: u64, extra: serde_json::Value) -> (String, PathBuf) {
     let disk = dir.join(format!("{id}.img"));
@@ -164,7 +149,7 @@ fn sighup_serves_a_new_certificate_while_an_upload_on_the_old_one_completes() {
     let control = serve.ready()["control"].as_str().unwrap().to_string();
     let url = format!("https://localhost:{}/images/cert", serve.port());
     let src = dir.path().join("src");
-    random_file(&src, 8 * MIB, 3);
+    testutil::random_file(&src, 8 * MIB, 3);
     let old_ca = old.ca_cert().display().to_string();
     let new_ca = new.ca_cert().display().to_string();
     let running = upload(&src, &url, &["--cacert", &old_ca]);
@@ -283,7 +268,7 @@ fn sigterm_lets_a_running_upload_finish_then_exits() {
     let control = serve.ready()["control"].as_str().unwrap().to_string();
     let port = serve.port();
     let src = dir.path().join("src");
-    random_file(&src, 6 * MIB, 11);
+    testutil::random_file(&src, 6 * MIB, 11);
     // An idle keep-alive connection must not hold the drain up.
     let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let running = upload(&src, &format!("http://127.0.0.1:{port}/images/drain"), &[]);
@@ -336,7 +321,7 @@ fn sigterm_ends_a_transfer_that_outlives_the_drain_deadline_unacknowledged() {
     );
     let control = serve.ready()["control"].as_str().unwrap().to_string();
     let src = dir.path().join("src");
-    random_file(&src, 16 * MIB, 13);
+    testutil::random_file(&src, 16 * MIB, 13);
     let running = upload(
         &src,
         &format!("http://127.0.0.1:{}/images/slow", serve.port()),

@@ -3,7 +3,6 @@
 //! status page rendered by headless Chromium while an upload runs, with a screenshot.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,21 +10,6 @@ use std::time::Duration;
 use testutil::FerryServe;
 
 const MIB: u64 = 1 << 20;
-
-fn random_file(path: &Path, bytes: u64, seed: u64) {
-    let mut x = seed | 1;
-    let mut data = vec![0u8; bytes as usize];
-    for b in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-    }
-    std::fs::File::create(path)
-        .unwrap()
-        .write_all(&data)
-        .unwrap();
-}
 
 fn ticket(dir: &Path, id: &str, size: u64, extra: serde_json::Value) -> String {
     let disk = dir.join(format!("{id}.img"));
@@ -104,7 +88,7 @@ fn metrics_count_the_bytes_curl_moved() {
     let serve = start(dir.path(), &[&t]);
     let data = format!("http://127.0.0.1:{}/images/m1", serve.port());
     let src = dir.path().join("src");
-    random_file(&src, 3 * MIB, 5);
+    testutil::random_file(&src, 3 * MIB, 5);
 
     let upload = format!("@{}", src.display());
     assert_eq!(curl(&["-X", "PUT", "--data-binary", &upload, &data]), 200);
@@ -202,7 +186,7 @@ fn status_page_shows_a_live_upload_and_errors_in_chromium() {
     );
     let serve = start(dir.path(), &[&t]);
     let src = dir.path().join("src");
-    random_file(&src, 8 * MIB, 9);
+    testutil::random_file(&src, 8 * MIB, 9);
     let data = format!("http://127.0.0.1:{}/images/live-upload", serve.port());
     let mut upload = Command::new("curl")
         .args(["-sS", "-o", "/dev/null", "-X", "PUT", "--data-binary"])

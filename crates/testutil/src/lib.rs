@@ -91,3 +91,16 @@ pub fn temp_dir() -> tempfile::TempDir {
         .tempdir()
         .expect("creating a temporary directory")
 }
+
+/// Writes `bytes` bytes of incompressible data (xorshift from `seed`) to `path`.
+pub fn random_file(path: &std::path::Path, bytes: u64, seed: u64) {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; bytes as usize];
+    for b in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+    }
+    std::fs::write(path, data).expect("writing random test data");
+}
