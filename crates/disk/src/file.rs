@@ -1,6 +1,11 @@
-//! Local raw files and block devices as endpoints: positional I/O on tokio's blocking pool (never
-//! on the reactor), extents from SEEK_DATA/SEEK_HOLE, zeroing by punch-hole, zero-range or
-//! BLKZEROOUT with fallbacks, and optional O_DIRECT.
+//! Local raw files and block devices as endpoints: positional I/O on tokio's blocking pool, or
+//! inline in the calling task ([`FileEndpoint::inline_io`]), extents from SEEK_DATA/SEEK_HOLE,
+//! zeroing by punch-hole, zero-range or BLKZEROOUT with fallbacks, and optional O_DIRECT.
+//!
+//! Inline I/O is for a process that runs one job: a request then costs one syscall, as in
+//! nbdcopy, instead of a hand-off to a pool thread and a wake-up back (two futex calls, an
+//! eventfd write and a context switch each way, which on a page-cache copy cost more than the
+//! copy itself). A server keeps the pool, so that a slow disk never stalls other connections.
 //!
 //! Opening a destination never replaces a device node: the path is opened without O_CREAT
 //! first, and created (O_EXCL) only when it does not exist.
@@ -50,9 +55,19 @@ pub struct FileEndpoint {
     /// Buffered writes to one file serialise on the inode lock in the kernel; concurrent ones
     /// only spin there. One at a time (several with O_DIRECT) keeps the CPU for real work.
     write_gate: tokio::sync::Semaphore,
+    /// Run the syscalls in the calling task instead of on the blocking pool.
+    inline: bool,
 }
 
 impl FileEndpoint {
+    /// Runs every request's syscalls in the task that polls it, on the runtime's own thread.
+    /// Right for a command that does one copy (its runtime has nothing else to keep
+    /// responsive for long); wrong for a server.
+    pub fn inline_io(mut self) -> Self {
+        self.inline = true;
+        self
+    }
+
     /// Opens a source for reading.
     pub fn open_source(path: &Path, direct: bool) -> Result<Self, DiskError> {
         let name = path.display().to_string();
@@ -196,6 +211,7 @@ impl FileEndpoint {
             }),
             caps,
             write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 1 }),
+            inline: false,
         })
     }
 
@@ -206,6 +222,10 @@ impl FileEndpoint {
         len: u64,
         f: impl FnOnce(&Inner) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, DiskError> {
+        if self.inline {
+            return f(&self.inner)
+                .map_err(|e| DiskError::from_io(&self.inner.name, op, &e).at(offset, len));
+        }
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || f(&inner))
             .await

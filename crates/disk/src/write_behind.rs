@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 use std::sync::mpsc;
 
 /// Bytes written but not yet dropped from the page cache, at most.
@@ -18,7 +19,14 @@ const RANGE: u64 = 2 << 20;
 
 pub struct WriteBehind {
     written: mpsc::Sender<(u64, u64)>,
+    /// Ranges being gathered, one per sequential writer (each pipeline writes its own work
+    /// range in order). Only whole ranges reach the thread: a message per write would wake it
+    /// for every request, and those wake-ups cost the writers more than the writeback saves.
+    gathering: Mutex<[Option<(u64, u64)>; GATHER_SLOTS]>,
 }
+
+/// Sequential write streams followed at once; a further one evicts the least grown range.
+const GATHER_SLOTS: usize = 8;
 
 impl WriteBehind {
     /// Starts the helper thread on its own handle of `file`.
@@ -28,24 +36,65 @@ impl WriteBehind {
         std::thread::Builder::new()
             .name("ferry-writeback".into())
             .spawn(move || run(file, rx))?;
-        Ok(WriteBehind { written: tx })
+        Ok(WriteBehind {
+            written: tx,
+            gathering: Mutex::new([None; GATHER_SLOTS]),
+        })
     }
 
-    /// Reports [offset, offset+len) as written. Never blocks.
+    /// Reports [offset, offset+len) as written. Never blocks on the disk.
     pub fn written(&self, offset: u64, len: u64) {
-        // The thread only ends when this handle is dropped, so a send cannot fail earlier; a
-        // failure would only mean less write-behind.
-        let _ = self.written.send((offset, len));
+        let ready = {
+            let mut slots = self.gathering.lock().unwrap_or_else(|p| p.into_inner());
+            gather(&mut slots, offset, len)
+        };
+        if let Some(range) = ready {
+            // The thread only ends when this handle is dropped, so a send cannot fail
+            // earlier; a failure would only mean less write-behind.
+            let _ = self.written.send(range);
+        }
     }
+}
+
+/// Adds a write to the ranges being gathered; returns a range that is ready for writeback
+/// (grown to [`RANGE`], or evicted to make room).
+fn gather(
+    slots: &mut [Option<(u64, u64)>; GATHER_SLOTS],
+    offset: u64,
+    len: u64,
+) -> Option<(u64, u64)> {
+    if let Some(slot) = slots
+        .iter_mut()
+        .find(|s| s.is_some_and(|(o, l)| o + l == offset))
+    {
+        let (o, l) = slot.expect("found a gathering range");
+        let grown = (o, l + len);
+        if grown.1 >= RANGE {
+            *slot = None;
+            return Some(grown);
+        }
+        *slot = Some(grown);
+        return None;
+    }
+    if len >= RANGE {
+        return Some((offset, len));
+    }
+    if let Some(slot) = slots.iter_mut().find(|s| s.is_none()) {
+        *slot = Some((offset, len));
+        return None;
+    }
+    let smallest = slots
+        .iter_mut()
+        .min_by_key(|s| s.map_or(0, |(_, l)| l))
+        .expect("there are slots");
+    smallest.replace((offset, len))
 }
 
 fn run(file: File, written: mpsc::Receiver<(u64, u64)>) {
     let fd = file.as_raw_fd();
     let mut window: VecDeque<(u64, u64)> = VecDeque::new();
     let mut in_window = 0u64;
-    // The range being gathered.
-    let mut open: Option<(u64, u64)> = None;
-    let start_writeback = |(offset, len): (u64, u64)| {
+    while let Ok((offset, len)) = written.recv() {
         // SAFETY: sync_file_range only reads its integer arguments; `fd` belongs to `file`,
         // which this thread owns for its whole life.
         unsafe {
@@ -56,24 +105,8 @@ fn run(file: File, written: mpsc::Receiver<(u64, u64)>) {
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
-    };
-    while let Ok((offset, len)) = written.recv() {
-        match &mut open {
-            Some((o, l)) if *o + *l == offset => *l += len,
-            _ => {
-                if let Some(done) = open.replace((offset, len)) {
-                    start_writeback(done);
-                    window.push_back(done);
-                    in_window += done.1;
-                }
-            }
-        }
-        if let Some(range) = open.filter(|r| r.1 >= RANGE) {
-            open = None;
-            start_writeback(range);
-            window.push_back(range);
-            in_window += range.1;
-        }
+        window.push_back((offset, len));
+        in_window += len;
         while in_window > WINDOW {
             let (o, l) = window.pop_front().expect("window holds the bytes counted");
             in_window -= l;
@@ -97,4 +130,42 @@ fn run(file: File, written: mpsc::Receiver<(u64, u64)>) {
         }
     }
     // The endpoint is gone: what is still dirty is left to the kernel (and to a flush).
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_sequential_writers_are_gathered_into_whole_ranges() {
+        let mut slots = [None; GATHER_SLOTS];
+        let chunk = 256 << 10;
+        let mut ready = Vec::new();
+        // Two writers, 128 MiB apart, alternating 256 KiB writes.
+        for i in 0..16u64 {
+            for base in [0u64, 128 << 20] {
+                ready.extend(gather(&mut slots, base + i * chunk, chunk));
+            }
+        }
+        assert_eq!(
+            ready,
+            vec![
+                (0, RANGE),
+                (128 << 20, RANGE),
+                (RANGE, RANGE),
+                ((128 << 20) + RANGE, RANGE)
+            ]
+        );
+        assert!(slots.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn a_new_stream_evicts_the_least_grown_range() {
+        let mut slots = [None; GATHER_SLOTS];
+        for i in 0..GATHER_SLOTS as u64 {
+            assert_eq!(gather(&mut slots, i << 30, 4096 * (i + 1)), None);
+        }
+        assert_eq!(gather(&mut slots, 100 << 30, 4096), Some((0, 4096)));
+        assert_eq!(gather(&mut slots, 0, RANGE), Some((0, RANGE)));
+    }
 }

@@ -201,6 +201,10 @@ pub struct OpenOptions {
     /// A persistent dirty bitmap of a source opened as qcow2, for an incremental copy (an NBD
     /// source's bitmap is selected through `nbd.bitmap`).
     pub qcow2_bitmap: Option<String>,
+    /// Local files do their syscalls in the task that asks (see `disk::FileEndpoint::inline_io`):
+    /// right for the commands, which run one job each; a server opening files keeps them off
+    /// its runtime.
+    pub inline_io: bool,
 }
 
 impl Default for OpenOptions {
@@ -210,6 +214,7 @@ impl Default for OpenOptions {
             http: HttpSettings::default(),
             connections: 4,
             direct: false,
+            inline_io: true,
             incremental: false,
             existing_destination: false,
             extents: true,
@@ -354,6 +359,7 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
             None => image,
         }));
     }
+    let inline = |ep: FileEndpoint| if opts.inline_io { ep.inline_io() } else { ep };
     Ok(match role {
         Role::Source if opts.qcow2_bitmap.is_some() => {
             // Only a qcow2 image keeps bitmaps: copying the whole file instead would be wrong.
@@ -364,14 +370,16 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
                 "a persistent dirty bitmap needs a qcow2 image, and this file is read as raw",
             ));
         }
-        Role::Source => Arc::new(FileEndpoint::open_source(path, opts.direct)?),
+        Role::Source => Arc::new(inline(FileEndpoint::open_source(path, opts.direct)?)),
         // The previous copy is updated in place: never truncated.
         Role::Destination { .. } if opts.incremental || opts.existing_destination => {
-            Arc::new(FileEndpoint::open_existing(path, opts.direct)?)
+            Arc::new(inline(FileEndpoint::open_existing(path, opts.direct)?))
         }
-        Role::Destination { size } => {
-            Arc::new(FileEndpoint::open_destination(path, size, opts.direct)?)
-        }
+        Role::Destination { size } => Arc::new(inline(FileEndpoint::open_destination(
+            path,
+            size,
+            opts.direct,
+        )?)),
     })
 }
 

@@ -225,6 +225,7 @@ fn open_options(args: &CopyArgs) -> endpoints::OpenOptions {
         retry: args.http.retry(),
         src_format: args.src_format,
         qcow2_bitmap,
+        inline_io: true,
     }
 }
 
