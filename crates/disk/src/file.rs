@@ -44,6 +44,9 @@ struct Inner {
     direct: Option<File>,
     block_device: bool,
     disabled: AtomicU8,
+    /// The file lives on a local filesystem, where SEEK_DATA/SEEK_HOLE read in-memory extent
+    /// trees and do not wait on a network.
+    local_fs: bool,
     /// Write-behind of a buffered destination file (see [`crate::write_behind`]).
     write_behind: Option<crate::write_behind::WriteBehind>,
 }
@@ -174,6 +177,7 @@ impl FileEndpoint {
             None
         };
         let block_device = kind.is_block_device();
+        let local_fs = on_local_filesystem(&file);
         let direct_writes = direct.is_some();
         use std::os::unix::fs::MetadataExt;
         let preferred = (meta.blksize()).clamp(512, 1 << 20).next_power_of_two();
@@ -205,6 +209,7 @@ impl FileEndpoint {
                 name,
                 file,
                 direct,
+                local_fs,
                 block_device,
                 disabled: AtomicU8::new(0),
                 write_behind: None,
@@ -241,7 +246,102 @@ impl FileEndpoint {
     }
 }
 
+/// Is `file` on a filesystem known to be local (ext4, xfs, btrfs, tmpfs)? Network and FUSE
+/// filesystems may answer SEEK_DATA over a link, so their extents stay off the caller's thread.
+fn on_local_filesystem(file: &File) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct, filled in below.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into `st`, which lives for the call; the descriptor
+    // belongs to `file`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, EXT4 | XFS | BTRFS | TMPFS)
+}
+
+/// One positional read or write with RWF_NOWAIT: it does what the page cache allows without
+/// waiting for the disk, and fails with EAGAIN where it would have to wait.
+fn nowait(
+    file: &File,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+    write: bool,
+) -> std::io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes `len` bytes at `buf`, which the caller owns (writable for a read,
+    // readable for a write) for the duration of the call; the descriptor stays open with `file`.
+    let n = unsafe {
+        if write {
+            libc::pwritev2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        } else {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        }
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 impl Inner {
+    /// A buffered read served from the page cache without leaving the calling thread, when
+    /// all of it is there; `None` when the disk would be needed (or the read ends the file).
+    fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        if self.direct.is_some() || len == 0 {
+            return None;
+        }
+        let mut buf = bufpool::get(len);
+        match nowait(&self.file, buf.as_mut_ptr(), len, offset, false) {
+            Ok(n) if n == len => Some(buf.freeze()),
+            _ => None,
+        }
+    }
+
+    /// A buffered write into the page cache without leaving the calling thread, as far as it
+    /// goes without waiting; returns the bytes written (0 when the disk would be needed).
+    fn write_cached(&self, offset: u64, data: &[u8]) -> usize {
+        if self.direct.is_some() || data.is_empty() {
+            return 0;
+        }
+        // The kernel only reads through the pointer for a write.
+        match nowait(
+            &self.file,
+            data.as_ptr().cast_mut(),
+            data.len(),
+            offset,
+            true,
+        ) {
+            Ok(n) => {
+                if let (Some(wb), true) = (&self.write_behind, n > 0) {
+                    wb.written(offset, n as u64);
+                }
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
         // Over-allocate so an aligned window exists for O_DIRECT; the slice keeps it.
         let (mut buf, start) = if self.direct.is_some() {
@@ -418,15 +518,36 @@ impl Endpoint for FileEndpoint {
     }
 
     fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
-        Box::pin(self.blocking(Op::Read, offset, len, move |i| i.read(offset, len as usize)))
+        Box::pin(async move {
+            // On the pool's path, what the page cache holds is read here and then: the
+            // hand-off to a pool thread costs more than such a read.
+            if !self.inline
+                && let Some(data) = self.inner.read_cached(offset, len as usize)
+            {
+                return Ok(data);
+            }
+            self.blocking(Op::Read, offset, len, move |i| i.read(offset, len as usize))
+                .await
+        })
     }
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
         let len = data.len() as u64;
         Box::pin(async move {
             let _turn = self.write_gate.acquire().await;
-            self.blocking(Op::Write, offset, len, move |i| i.write(offset, &data))
-                .await
+            let done = if self.inline {
+                0
+            } else {
+                self.inner.write_cached(offset, &data)
+            };
+            if done == data.len() {
+                return Ok(());
+            }
+            let (offset, data) = (offset + done as u64, data.slice(done..));
+            self.blocking(Op::Write, offset, len - done as u64, move |i| {
+                i.write(offset, &data)
+            })
+            .await
         })
     }
 
@@ -441,6 +562,13 @@ impl Endpoint for FileEndpoint {
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
+        if !self.inline && self.inner.local_fs {
+            // As qemu does for block status: a local filesystem answers from memory, and a
+            // pool round trip would cost more than the lookup (a server asks per read).
+            let got = file_extents(&self.inner.file, offset, len)
+                .map_err(|e| DiskError::from_io(&self.inner.name, Op::Extents, &e).at(offset, len));
+            return Box::pin(std::future::ready(got));
+        }
         Box::pin(self.blocking(Op::Extents, offset, len, move |i| {
             file_extents(&i.file, offset, len)
         }))
@@ -482,6 +610,40 @@ mod tests {
         ep.zero(8192, 4096, true).await.unwrap();
         assert!(ep.read(8192, 4096).await.unwrap().iter().all(|b| *b == 0));
         ep.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn inline_and_pool_paths_read_what_the_other_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let size = 4 << 20;
+        let inline = FileEndpoint::open_destination(&path, Some(size), false)
+            .unwrap()
+            .inline_io();
+        let data: Vec<u8> = (0..size as usize).map(|i| (i * 7 % 251) as u8).collect();
+        inline.write(0, Bytes::from(data.clone())).await.unwrap();
+        inline.zero(1 << 20, 1 << 20, false).await.unwrap();
+        let mut want = data;
+        want[1 << 20..2 << 20].fill(0);
+        // The pool endpoint reads from the page cache without a hand-off; both must agree.
+        let pooled = FileEndpoint::open_existing(&path, false).unwrap();
+        assert_eq!(pooled.read(0, size).await.unwrap(), want);
+        assert_eq!(inline.read(0, size).await.unwrap(), want);
+        pooled
+            .write(3 << 20, Bytes::from(vec![9u8; 4096]))
+            .await
+            .unwrap();
+        want[3 << 20..(3 << 20) + 4096].fill(9);
+        assert_eq!(inline.read(0, size).await.unwrap(), want);
+        let ext = pooled.extents(0, size).await.unwrap();
+        assert!(
+            ext.iter()
+                .any(|e| e.zero && e.offset <= 1 << 20 && e.end() >= 2 << 20),
+            "{ext:?}"
+        );
+        // A read past the end stops at the end on both paths.
+        assert_eq!(pooled.read(size - 100, 4096).await.unwrap().len(), 100);
+        assert_eq!(inline.read(size - 100, 4096).await.unwrap().len(), 100);
     }
 
     #[tokio::test]
