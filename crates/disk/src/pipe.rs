@@ -5,6 +5,7 @@
 //! move strictly in order. Holes are written to a destination stream as zero bytes.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -27,7 +28,11 @@ pub struct PipeEndpoint {
 
 impl PipeEndpoint {
     pub fn stdin() -> Self {
-        Self::new("-", Stream::Reader(Box::new(std::io::stdin())), true)
+        match std::io::stdin().as_fd().try_clone_to_owned() {
+            Ok(fd) => Self::from_file("-", std::fs::File::from(fd), true),
+            // No descriptor to spare: std's handle still works, only slower.
+            Err(_) => Self::new("-", Stream::Reader(Box::new(std::io::stdin())), true),
+        }
     }
 
     /// Standard output; refuses a terminal.
@@ -41,15 +46,15 @@ impl PipeEndpoint {
                 "refusing to write to a terminal",
             ));
         }
-        Ok(Self::new(
-            "-",
-            Stream::Writer(Box::new(std::io::stdout())),
-            false,
-        ))
+        Ok(match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => Self::from_file("-", std::fs::File::from(fd), false),
+            Err(_) => Self::new("-", Stream::Writer(Box::new(std::io::stdout())), false),
+        })
     }
 
     /// A pipe, socket or character device opened by path.
     pub fn from_file(name: &str, file: std::fs::File, source: bool) -> Self {
+        grow_pipe(&file);
         let stream = if source {
             Stream::Reader(Box::new(file))
         } else {
@@ -71,6 +76,21 @@ impl PipeEndpoint {
             caps,
             stream: Arc::new(Mutex::new(stream)),
             turn: watch::channel(0).0,
+        }
+    }
+}
+
+/// Pipe buffer asked for: a default request and more. Unprivileged processes may get at most
+/// /proc/sys/fs/pipe-max-size (1 MiB by default), which is what they then keep.
+const PIPE_SIZE: libc::c_int = 4 << 20;
+
+/// Grows `file`'s pipe buffer, as far as allowed; anything else (not a pipe) is left alone.
+fn grow_pipe(file: &std::fs::File) {
+    for size in [PIPE_SIZE, 1 << 20] {
+        // SAFETY: F_SETPIPE_SZ takes an integer and touches no memory; the descriptor is
+        // owned by `file` for the call. A failure (not a pipe, over the limit) changes nothing.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
+            return;
         }
     }
 }
@@ -207,6 +227,20 @@ impl crate::endpoint::Endpoint for PipeEndpoint {
 mod tests {
     use super::*;
     use crate::endpoint::Endpoint;
+
+    #[test]
+    fn pipes_are_grown() {
+        let (r, _w) = pipe();
+        let before = pipe_size(&r);
+        let _ep = PipeEndpoint::from_file("p", r.try_clone().unwrap(), true);
+        let after = pipe_size(&r);
+        assert!(after >= 1 << 20 && after > before, "{before} -> {after}");
+    }
+
+    fn pipe_size(file: &std::fs::File) -> i32 {
+        // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETPIPE_SZ) }
+    }
 
     fn pipe() -> (std::fs::File, std::fs::File) {
         let (r, w) = std::io::pipe().unwrap();
