@@ -6,6 +6,9 @@
 //! nbdcopy, instead of a hand-off to a pool thread and a wake-up back (two futex calls, an
 //! eventfd write and a context switch each way, which on a page-cache copy cost more than the
 //! copy itself). A server keeps the pool, so that a slow disk never stalls other connections.
+//! Either way a read is first tried with RWF_NOWAIT in the caller: what the page cache holds
+//! costs one syscall, and only reads that must wait for the disk are handed to the pool, where
+//! several can be in flight.
 //!
 //! Opening a destination never replaces a device node: the path is opened without O_CREAT
 //! first, and created (O_EXCL) only when it does not exist.
@@ -63,9 +66,9 @@ pub struct FileEndpoint {
 }
 
 impl FileEndpoint {
-    /// Runs every request's syscalls in the task that polls it, on the runtime's own thread.
-    /// Right for a command that does one copy (its runtime has nothing else to keep
-    /// responsive for long); wrong for a server.
+    /// Runs every request's syscalls in the task that polls it, on the runtime's own thread,
+    /// except reads that must wait for the disk. Right for a command that does one copy (its
+    /// runtime has nothing else to keep responsive for long); wrong for a server.
     pub fn inline_io(mut self) -> Self {
         self.inline = true;
         self
@@ -220,6 +223,7 @@ impl FileEndpoint {
         })
     }
 
+    /// Runs `f` inline or on the pool, as the endpoint was opened.
     async fn blocking<T: Send + 'static>(
         &self,
         op: Op,
@@ -231,6 +235,17 @@ impl FileEndpoint {
             return f(&self.inner)
                 .map_err(|e| DiskError::from_io(&self.inner.name, op, &e).at(offset, len));
         }
+        self.pooled(op, offset, len, f).await
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn pooled<T: Send + 'static>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&Inner) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, DiskError> {
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || f(&inner))
             .await
@@ -519,14 +534,14 @@ impl Endpoint for FileEndpoint {
 
     fn read(&self, offset: u64, len: u64) -> BoxFut<'_, Bytes> {
         Box::pin(async move {
-            // On the pool's path, what the page cache holds is read here and then: the
-            // hand-off to a pool thread costs more than such a read.
-            if !self.inline
-                && let Some(data) = self.inner.read_cached(offset, len as usize)
-            {
+            // What the page cache holds is read here and then: a hand-off to a pool thread
+            // costs more than such a read. What must come from the disk goes to the pool even
+            // for an inline endpoint, so that a pipeline keeps several disk reads in flight
+            // instead of waiting for each in turn.
+            if let Some(data) = self.inner.read_cached(offset, len as usize) {
                 return Ok(data);
             }
-            self.blocking(Op::Read, offset, len, move |i| i.read(offset, len as usize))
+            self.pooled(Op::Read, offset, len, move |i| i.read(offset, len as usize))
                 .await
         })
     }
