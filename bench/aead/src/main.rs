@@ -25,7 +25,9 @@ fn measure(mut one: impl FnMut()) -> f64 {
 macro_rules! provider {
     ($name:literal, $aead:path, $alg:expr, $label:literal) => {{
         use $aead as aead;
-        let key = aead::LessSafeKey::new(aead::UnboundKey::new($alg, &[7u8; 32][..$alg.key_len()]).unwrap());
+        let key = aead::LessSafeKey::new(
+            aead::UnboundKey::new($alg, &[7u8; 32][..$alg.key_len()]).unwrap(),
+        );
         let mut buf = vec![0x5au8; RECORD];
         let mut counter = 0u64;
         let seal = measure(|| {
@@ -45,24 +47,45 @@ macro_rules! provider {
         let nonce = [1u8; 12];
         let mut sealed = vec![0x5au8; RECORD];
         let tag = key
-            .seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), &mut sealed)
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::empty(),
+                &mut sealed,
+            )
             .unwrap();
         sealed.extend_from_slice(tag.as_ref());
         let mut work = sealed.clone();
         let open = measure(|| {
             work.copy_from_slice(&sealed);
             let plain = key
-                .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), &mut work)
+                .open_in_place(
+                    aead::Nonce::assume_unique_for_key(nonce),
+                    aead::Aad::empty(),
+                    &mut work,
+                )
                 .unwrap();
             std::hint::black_box(plain.len());
         });
-        println!("{:10} {:12} seal {:6.2} GiB/s   open {:6.2} GiB/s (open includes a 16 KiB memcpy)", $name, $label, seal, open);
+        println!(
+            "{:10} {:12} seal {:6.2} GiB/s   open {:6.2} GiB/s (open includes a 16 KiB memcpy)",
+            $name, $label, seal, open
+        );
     }};
 }
 
 fn main() {
     provider!("ring", ring::aead, &ring::aead::AES_128_GCM, "AES-128-GCM");
-    provider!("aws-lc-rs", aws_lc_rs::aead, &aws_lc_rs::aead::AES_128_GCM, "AES-128-GCM");
+    provider!(
+        "aws-lc-rs",
+        aws_lc_rs::aead,
+        &aws_lc_rs::aead::AES_128_GCM,
+        "AES-128-GCM"
+    );
     provider!("ring", ring::aead, &ring::aead::AES_256_GCM, "AES-256-GCM");
-    provider!("aws-lc-rs", aws_lc_rs::aead, &aws_lc_rs::aead::AES_256_GCM, "AES-256-GCM");
+    provider!(
+        "aws-lc-rs",
+        aws_lc_rs::aead,
+        &aws_lc_rs::aead::AES_256_GCM,
+        "AES-256-GCM"
+    );
 }
