@@ -83,6 +83,7 @@ impl Transport {
             })??;
         let stream = Idle::new(stream, deadlines.io);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
@@ -212,6 +213,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => this.check(cx).map(Err),
         }
+    }
+
+    // Vectored writes pass through: without them hyper copies every body byte into its own
+    // buffer before writing ("flatten"), a pass over the whole upload for nothing.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
