@@ -29,6 +29,7 @@ fn kind_of(err: &Qcow2Error) -> ErrorKind {
         ::qcow2::ErrorKind::Io => ErrorKind::Io,
         ::qcow2::ErrorKind::InvalidArgument => ErrorKind::InvalidRequest,
         ::qcow2::ErrorKind::Unsupported => ErrorKind::Unsupported,
+        ::qcow2::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
         // Not worth retrying: the image says the same thing next time.
         ::qcow2::ErrorKind::Corrupt | ::qcow2::ErrorKind::Backing => ErrorKind::Other,
     }

@@ -59,7 +59,7 @@ impl Image {
             || ext
                 .directory_offset
                 .checked_add(ext.directory_size)
-                .is_none_or(|e| e > self.file_len)
+                .is_none_or(|e| e > self.file_len())
         {
             return Err(Qcow2Error::corrupt(
                 path,
@@ -168,7 +168,7 @@ impl Image {
             || bm
                 .table_offset
                 .checked_add(u64::from(bm.table_size) * 8)
-                .is_none_or(|e| e > self.file_len)
+                .is_none_or(|e| e > self.file_len())
         {
             return Err(Qcow2Error::corrupt(
                 path,
@@ -219,7 +219,7 @@ impl Image {
             if !data_off.is_multiple_of(cluster_size)
                 || data_off
                     .checked_add(cluster_size)
-                    .is_none_or(|e| e > self.file_len)
+                    .is_none_or(|e| e > self.file_len())
             {
                 return Err(Qcow2Error::corrupt(
                     path,

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Backing,
     /// The caller asked for something outside the image (a read past its end, no such bitmap).
     InvalidArgument,
+    /// A write to an image that was opened read-only.
+    ReadOnly,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -51,6 +51,9 @@ pub(crate) struct Header {
     pub l1_table_offset: u64,
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    /// log2 of the refcount width in bits (4 in version 2).
+    pub refcount_order: u32,
     pub incompatible: u64,
     pub autoclear: u64,
     pub compression: Compression,
@@ -331,6 +334,8 @@ pub(crate) fn parse(path: &str, storage: &dyn Storage, file_len: u64) -> Result<
         l1_table_offset: be64(&fixed, 40),
         refcount_table_offset: be64(&fixed, 48),
         refcount_table_clusters: be32(&fixed, 56),
+        nb_snapshots: be32(&fixed, 60),
+        refcount_order: if version == 3 { be32(&fixed, 96) } else { 4 },
         incompatible,
         autoclear,
         compression,

@@ -4,8 +4,9 @@
 //! L1/L2 cluster tables (standard and extended, with subclusters), compressed clusters (zlib
 //! and zstd), backing chains (raw or qcow2 backing files), and persistent dirty bitmaps. It
 //! serves the guest view ([`Image::read_at`]), the allocation map with qemu's allocation depth
-//! ([`Image::extents`]) and the dirty ranges of a bitmap ([`Image::bitmap_dirty`]). The reader
-//! never writes; new images are written by the `writer` module ([`StreamPlan`]: one sequential
+//! ([`Image::extents`]) and the dirty ranges of a bitmap ([`Image::bitmap_dirty`]). An image
+//! opened with [`Image::open_rw`] also takes writes into its guest view (the `rw` module:
+//! [`Image::write_at`], [`Image::zero`], [`Image::flush`]); new images are written by the `writer` module ([`StreamPlan`]: one sequential
 //! pass with the metadata first, so the destination can be a pipe; [`SeekableWriter`] data
 //! first on a seekable file, leaving all-zero clusters unallocated, plain or compressed). Every value read from the image is checked before it
 //! is used: a corrupt or hostile image gives a [`Qcow2Error`] naming the file and the offset,
@@ -37,11 +38,13 @@
 mod bitmap;
 mod error;
 mod header;
+mod rw;
 mod storage;
 mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use bitmap::Bitmap;
@@ -212,6 +215,9 @@ enum Piece {
 
 /// A bounded set of L2 tables, so memory stays bounded whatever the image size. Eviction is
 /// CLOCK (second chance): constant work per miss even with tens of thousands of small tables.
+/// A writable image pins the tables it changed until they are written back: a pinned table is
+/// the only copy of its changes, so it is never evicted (the set may then exceed its capacity
+/// until the next flush, which writers bound).
 struct L2Cache {
     capacity: usize,
     slots: Vec<CacheSlot>,
@@ -223,6 +229,7 @@ struct CacheSlot {
     offset: u64,
     table: Arc<[u64]>,
     referenced: bool,
+    pinned: bool,
 }
 
 impl L2Cache {
@@ -247,20 +254,29 @@ impl L2Cache {
             // Another thread loaded it meanwhile.
             return;
         }
+        self.add(offset, table, false);
+    }
+
+    fn add(&mut self, offset: u64, table: Arc<[u64]>, pinned: bool) {
         let slot = CacheSlot {
             offset,
             table,
             referenced: false,
+            pinned,
         };
         if self.slots.len() < self.capacity {
             self.index.insert(offset, self.slots.len());
             self.slots.push(slot);
             return;
         }
-        // Each pass clears the referenced bits it skips, so this ends within two turns.
-        loop {
+        // Each pass clears the referenced bits it skips, so this ends within two turns
+        // unless every slot is pinned.
+        for _ in 0..2 * self.slots.len() {
             let i = self.hand;
             self.hand = (self.hand + 1) % self.slots.len();
+            if self.slots[i].pinned {
+                continue;
+            }
             if self.slots[i].referenced {
                 self.slots[i].referenced = false;
                 continue;
@@ -270,6 +286,36 @@ impl L2Cache {
             self.slots[i] = slot;
             return;
         }
+        self.index.insert(offset, self.slots.len());
+        self.slots.push(slot);
+    }
+
+    /// The table at `offset` to change in place, pinned; `None` when it is not cached.
+    fn pin_mut(&mut self, offset: u64) -> Option<&mut [u64]> {
+        let &i = self.index.get(&offset)?;
+        let slot = &mut self.slots[i];
+        slot.pinned = true;
+        if Arc::get_mut(&mut slot.table).is_none() {
+            // A reader holds the old version: it keeps it, the cache gets a copy.
+            slot.table = slot.table.to_vec().into();
+        }
+        Arc::get_mut(&mut slot.table)
+    }
+
+    /// A new table, pinned.
+    fn put_pinned(&mut self, offset: u64, table: Arc<[u64]>) {
+        if let Some(&i) = self.index.get(&offset) {
+            self.slots[i].table = table;
+            self.slots[i].pinned = true;
+            return;
+        }
+        self.add(offset, table, true);
+    }
+
+    fn unpin(&mut self, offset: u64) {
+        if let Some(&i) = self.index.get(&offset) {
+            self.slots[i].pinned = false;
+        }
     }
 }
 
@@ -277,17 +323,21 @@ impl L2Cache {
 pub struct Image {
     path: String,
     storage: Box<dyn Storage>,
-    file_len: u64,
+    /// Grows when a writable image appends clusters.
+    file_len: AtomicU64,
     header: Header,
     cluster_bits: u32,
     /// log2 of the entries in one L2 table.
     l2_bits: u32,
     extended: bool,
-    l1: Vec<u64>,
+    /// Atomic so a writable image can point an entry at a new L2 table while others read.
+    l1: Vec<AtomicU64>,
     cache: Mutex<L2Cache>,
     /// The last decompressed cluster: sequential reads in small pieces decompress it once.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     backing: Option<Backing>,
+    /// Allocation and metadata state of an image opened for writing.
+    meta: Option<Mutex<rw::Meta>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -385,15 +435,16 @@ impl Image {
         let mut img = Image {
             path: path.to_string(),
             storage,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             header,
             cluster_bits,
             l2_bits,
             extended,
-            l1,
+            l1: l1.into_iter().map(AtomicU64::new).collect(),
             cache: Mutex::new(L2Cache::new(capacity)),
             last_compressed: Mutex::new(None),
             backing: None,
+            meta: None,
         };
         if let Some(name) = img.header.backing_file.clone() {
             img.backing = Some(img.open_backing(&name, opts, depth, seen)?);
@@ -557,6 +608,10 @@ impl Image {
         self.header.size
     }
 
+    fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -618,14 +673,14 @@ impl Image {
         }
         if offset
             .checked_add(cluster_size)
-            .is_none_or(|e| e > self.file_len)
+            .is_none_or(|e| e > self.file_len())
         {
             return Err(Qcow2Error::corrupt(
                 &self.path,
                 l1_entry_at,
                 format!(
                     "L2 table offset {offset} is past the end of the file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 ),
             ));
         }
@@ -654,7 +709,7 @@ impl Image {
         let span_bits = cb + self.l2_bits;
         let l1_index = (guest >> span_bits) as usize;
         let span_end = ((guest >> span_bits) + 1) << span_bits;
-        let Some(&l1_entry) = self.l1.get(l1_index) else {
+        let Some(l1_entry) = self.l1.get(l1_index).map(|e| e.load(Ordering::Acquire)) else {
             return Err(Qcow2Error::new(
                 &self.path,
                 ErrorKind::InvalidArgument,
@@ -801,18 +856,18 @@ impl Image {
         {
             return Ok(data.clone());
         }
-        if host >= self.file_len {
+        if host >= self.file_len() {
             return Err(Qcow2Error::corrupt(
                 &self.path,
                 host,
                 format!(
                     "compressed cluster is past the end of the file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 ),
             ));
         }
         // The last compressed cluster may be recorded as reaching past the end of the file.
-        let csize = csize.min(self.file_len - host) as usize;
+        let csize = csize.min(self.file_len() - host) as usize;
         let mut input = vec![0u8; csize];
         read_exact(
             &self.path,
@@ -838,13 +893,13 @@ impl Image {
     /// that the file ends inside reads as zeroes past the end, as in qemu (a file whose last
     /// cluster was only partly written out).
     fn read_data(&self, out: &mut [u8], host: u64) -> Result<()> {
-        if host >= self.file_len {
+        if host >= self.file_len() {
             return Err(Qcow2Error::corrupt(
                 &self.path,
                 host,
                 format!(
                     "data cluster is past the end of the file ({} bytes)",
-                    self.file_len
+                    self.file_len()
                 ),
             ));
         }

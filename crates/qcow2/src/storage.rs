@@ -4,7 +4,8 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
-/// Random-access, read-only bytes. Implementations must be usable from many threads at once.
+/// Random-access bytes, read-only unless the implementation also writes (an image opened for
+/// writing needs that). Implementations must be usable from many threads at once.
 pub trait Storage: Send + Sync {
     /// Reads into `buf` at `offset`, returning how many bytes were read: fewer than asked only
     /// at the end of the storage.
@@ -13,6 +14,17 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
+    }
+    /// Writes all of `buf` at `offset`, extending the storage when needed.
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the storage is read-only",
+        ))
+    }
+    /// Makes everything written so far durable.
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -35,6 +47,14 @@ impl Storage for std::fs::File {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        std::fs::File::sync_data(self)
     }
 }
 
