@@ -1,7 +1,9 @@
-//! A qcow2 image as a read-only source: the guest view through the `qcow2` crate's reader, on
-//! tokio's blocking pool (its reads are positional and it is shared by all requests), and
-//! extents from the image's tables instead of the file's holes. With a persistent dirty bitmap
-//! selected, it also reports what changed since the bitmap was added, for incremental copies.
+//! A qcow2 image as an endpoint: the guest view through the `qcow2` crate, on tokio's blocking
+//! pool (its reads are positional and it is shared by all requests), and extents from the
+//! image's tables instead of the file's holes. Opened read-only it is a source; with a
+//! persistent dirty bitmap selected, it also reports what changed since the bitmap was added,
+//! for incremental copies. Opened read-write ([`Qcow2Endpoint::open_rw`]) it also takes
+//! writes and zeroes into its guest view, and a flush makes them durable.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -44,14 +46,29 @@ fn disk_error(name: &str, op: Op, err: Qcow2Error) -> DiskError {
 }
 
 impl Qcow2Endpoint {
-    /// Opens the image at `path`, with its backing chain when `follow_backing`.
+    /// Opens the image at `path` read-only, with its backing chain when `follow_backing`.
     pub fn open(path: &Path, follow_backing: bool) -> Result<Self, DiskError> {
+        Qcow2Endpoint::open_with(path, follow_backing, false)
+    }
+
+    /// Opens the image at `path` for reading and writing its guest view (the backing chain,
+    /// when followed, is only read).
+    pub fn open_rw(path: &Path, follow_backing: bool) -> Result<Self, DiskError> {
+        Qcow2Endpoint::open_with(path, follow_backing, true)
+    }
+
+    fn open_with(path: &Path, follow_backing: bool, writable: bool) -> Result<Self, DiskError> {
         let name = path.display().to_string();
         let opts = OpenOptions {
             follow_backing,
             ..OpenOptions::default()
         };
-        let image = Image::open(path, &opts).map_err(|e| disk_error(&name, Op::Open, e))?;
+        let image = if writable {
+            Image::open_rw(path, &opts)
+        } else {
+            Image::open(path, &opts)
+        }
+        .map_err(|e| disk_error(&name, Op::Open, e))?;
         let meta = std::fs::metadata(path).map_err(|e| DiskError::from_io(&name, Op::Open, &e))?;
         use std::os::unix::fs::MetadataExt;
         // The top image only: a changed backing file is not noticed.
@@ -63,7 +80,12 @@ impl Qcow2Endpoint {
             meta.mtime_nsec()
         );
         let mut caps = Caps::random_access(image.size());
-        caps.read_only = true;
+        caps.read_only = !writable;
+        caps.flush = writable;
+        // Zero clusters (version 3) or deallocation (nothing below to show through) make
+        // zeroing a table update.
+        caps.efficient_zero = writable && (image.version() >= 3 || image.chain_len() == 1);
+        caps.fast_zero = caps.efficient_zero;
         caps.extents = true;
         caps.preferred_block = image.cluster_size().clamp(4096, 1 << 20);
         caps.queue_depth = QCOW2_QUEUE_DEPTH;
@@ -143,7 +165,7 @@ impl Qcow2Endpoint {
             &self.name,
             op,
             ErrorKind::ReadOnly,
-            "qcow2 images are read-only",
+            "the qcow2 image is open read-only",
         )
         .at(offset, len)
     }
@@ -171,13 +193,33 @@ impl Endpoint for Qcow2Endpoint {
     }
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFut<'_, ()> {
-        let err = self.read_only(Op::Write, offset, data.len() as u64);
-        Box::pin(async move { Err(err) })
+        let len = data.len() as u64;
+        if self.caps.read_only {
+            let err = self.read_only(Op::Write, offset, len);
+            return Box::pin(async move { Err(err) });
+        }
+        Box::pin(self.blocking(Op::Write, offset, len, move |img| {
+            img.write_at(&data, offset)
+        }))
     }
 
-    fn zero(&self, offset: u64, len: u64, _allocate: bool) -> BoxFut<'_, ()> {
-        let err = self.read_only(Op::Zero, offset, len);
-        Box::pin(async move { Err(err) })
+    fn zero(&self, offset: u64, len: u64, allocate: bool) -> BoxFut<'_, ()> {
+        if self.caps.read_only {
+            let err = self.read_only(Op::Zero, offset, len);
+            return Box::pin(async move { Err(err) });
+        }
+        Box::pin(self.blocking(Op::Zero, offset, len, move |img| {
+            img.zero(offset, len, allocate)
+        }))
+    }
+
+    fn fast_zero(&self, offset: u64, len: u64) -> BoxFut<'_, bool> {
+        if !self.caps.fast_zero {
+            return Box::pin(async { Ok(false) });
+        }
+        Box::pin(self.blocking(Op::Zero, offset, len, move |img| {
+            img.zero(offset, len, false).map(|()| true)
+        }))
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFut<'_, Vec<Extent>> {
@@ -220,7 +262,11 @@ impl Endpoint for Qcow2Endpoint {
     }
 
     fn flush(&self) -> BoxFut<'_, ()> {
-        Box::pin(async { Ok(()) })
+        if self.caps.read_only {
+            return Box::pin(async { Ok(()) });
+        }
+        let size = self.caps.size.unwrap_or(0);
+        Box::pin(self.blocking(Op::Flush, 0, size, |img| img.flush()))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The qcow2 endpoint against qemu: its guest view must equal `qemu-img convert -O raw`, its
-//! extents must say data exactly where `qemu-img map` does, and it must refuse writes.
+//! extents must say data exactly where `qemu-img map` does; read-only it refuses writes, read-write
+//! its writes pass `qemu-img check` and `compare`.
 
 use std::path::Path;
 use std::process::Command;
@@ -316,4 +317,53 @@ async fn qcow2_endpoint_refuses_a_bitmap_in_use() {
     // qemu agrees the bitmap is in use, so the patch above made what a crash leaves.
     let info = run("qemu-img", &["info", "--output=json", s(&image)]);
     assert!(info.contains("in-use"), "{info}");
+}
+
+#[tokio::test]
+async fn writable_qcow2_endpoint_writes_zeroes_and_flushes() {
+    let dir = TempDir::new().unwrap();
+    let top = chain(dir.path());
+    let raw = dir.path().join("expected.raw");
+    run("qemu-img", &["convert", "-O", "raw", s(&top), s(&raw)]);
+    let mut expected = std::fs::read(&raw).unwrap();
+    let ep = Qcow2Endpoint::open_rw(&top, true).unwrap();
+    let caps = ep.caps().clone();
+    assert!(!caps.read_only && caps.flush && caps.efficient_zero);
+    // A write into a cluster the base holds copies the rest of it from the base.
+    let data = vec![0x5au8; 10000];
+    ep.write(4096 + 17, bytes::Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    expected[4096 + 17..4096 + 17 + 10000].copy_from_slice(&data);
+    ep.zero(1 << 20, 1 << 20, false).await.unwrap();
+    expected[1 << 20..2 << 20].fill(0);
+    assert!(ep.fast_zero(3 << 20, 65536).await.unwrap());
+    expected[3 << 20..(3 << 20) + 65536].fill(0);
+    ep.flush().await.unwrap();
+    let back = ep.read(0, 4 << 20).await.unwrap();
+    assert!(back[..] == expected[..], "reads see the writes");
+    let ext = ep.extents(1 << 20, 1 << 20).await.unwrap();
+    assert!(
+        ext.iter().all(|e| e.zero && !e.hole),
+        "zeroed range: {ext:?}"
+    );
+    drop(ep);
+    let out = Command::new("qemu-img")
+        .args(["check", s(&top)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("No errors") && !text.contains("leaked"),
+        "{text}"
+    );
+    std::fs::write(&raw, &expected).unwrap();
+    run("qemu-img", &["compare", "-f", "raw", s(&raw), s(&top)]);
+
+    let ro = Qcow2Endpoint::open(&top, true).unwrap();
+    let err = ro
+        .write(0, bytes::Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
 }
