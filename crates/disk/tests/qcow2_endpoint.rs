@@ -1,6 +1,6 @@
 //! The qcow2 endpoint against qemu: its guest view must equal `qemu-img convert -O raw`, its
-//! extents must say data exactly where `qemu-img map` does; read-only it refuses writes, read-write
-//! its writes pass `qemu-img check` and `compare`.
+//! extents must say data exactly where `qemu-img map` does; read-only it refuses writes,
+//! read-write its writes pass `qemu-img check` and `compare`.
 
 use std::path::Path;
 use std::process::Command;
