@@ -1,7 +1,7 @@
 //! `ferry nbd-server FILE`: serve a raw file or block device over NBD, like qemu-nbd, on a unix
 //! socket, a TCP address, or a socket passed by systemd socket activation; with `--format
-//! qcow2` (or `auto`), the disk a qcow2 image holds, read-only, with block status from its
-//! tables.
+//! qcow2` (or `auto`), the disk a qcow2 image holds, writable unless `--read-only`, with block
+//! status from its tables.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -21,7 +21,8 @@ pub struct NbdServerArgs {
     /// Image file or block device to serve.
     pub file: PathBuf,
     /// How FILE is read: `raw` (its bytes, the default), `qcow2` (the disk it holds, backing
-    /// files followed; needs --read-only) or `auto` (qcow2 by its magic, without backing files).
+    /// files followed; writes go into the image, never its backing files) or `auto` (qcow2 by
+    /// its magic, without backing files).
     #[arg(short = 'f', long, value_name = "FORMAT", default_value = "raw", value_parser = crate::copy_cmd::parse_format)]
     pub format: endpoints::Format,
     /// Refuse writes.
@@ -110,14 +111,21 @@ pub async fn run(args: NbdServerArgs) -> Result<(), Failure> {
         Format::Qcow2 => true,
         Format::Auto => endpoints::looks_like_qcow2(&args.file)?,
     };
-    if qcow2 && !args.read_only {
-        return Err(usage(format!(
-            "{} is served as qcow2, which is read-only for now (writing into a qcow2 image is \
-             not implemented): add --read-only",
-            args.file.display()
-        )));
-    }
-    let endpoint: Arc<dyn Endpoint> = if qcow2 {
+    let endpoint: Arc<dyn Endpoint> = if qcow2 && !args.read_only {
+        // A probed image is never allowed a backing file, as when it is read.
+        let follow_backing = args.format == Format::Qcow2;
+        let image =
+            disk::qcow2::Qcow2Endpoint::open_rw(&args.file, follow_backing).map_err(|mut e| {
+                if !follow_backing && e.cause.contains("backing") {
+                    e.cause.push_str(
+                        " (a probed image may not name other files; --format qcow2 follows \
+                         its backing chain)",
+                    );
+                }
+                e
+            })?;
+        Arc::new(image)
+    } else if qcow2 {
         let opts = endpoints::OpenOptions {
             src_format: args.format,
             direct: args.direct,
@@ -132,7 +140,7 @@ pub async fn run(args: NbdServerArgs) -> Result<(), Failure> {
     } else {
         Arc::new(FileEndpoint::open_existing(&args.file, args.direct)?)
     };
-    let export = EndpointExport::new(endpoint, args.read_only, String::new());
+    let export = EndpointExport::new(endpoint.clone(), args.read_only, String::new());
     let exports = Arc::new(SingleExport {
         name: args.export_name.clone(),
         export: Arc::new(export),
@@ -181,6 +189,10 @@ pub async fn run(args: NbdServerArgs) -> Result<(), Failure> {
     tokio::select! {
         _ = serve => {}
         _ = interrupted => {}
+    }
+    if !args.read_only {
+        // Clients that never flushed still get their writes (a qcow2 image's tables included).
+        endpoint.flush().await?;
     }
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);

@@ -1,7 +1,8 @@
-//! `ferry nbd-server --format qcow2|auto --read-only`: the guest view of a qcow2 image over
-//! NBD, read by the real qemu-img and nbdcopy and compared with `qemu-img convert -O raw` of
-//! the file; its block status (`nbdinfo --map`) equals the image's own allocation
-//! (`qemu-img map`). A qcow2 export without `--read-only` is refused with exit 2.
+//! `ferry nbd-server --format qcow2|auto`: the guest view of a qcow2 image over NBD, read by
+//! the real qemu-img and nbdcopy and compared with `qemu-img convert -O raw` of the file; its
+//! block status (`nbdinfo --map`) equals the image's own allocation (`qemu-img map`). Without
+//! `--read-only` the export is writable: what qemu-io and nbdcopy write over several
+//! connections passes `qemu-img check` and `qemu-img compare` once the server stops.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -192,20 +193,132 @@ fn auto_serves_a_plain_qcow2_image_and_refuses_a_backing_file() {
     );
 }
 
+fn check_and_compare(image: &Path, expected: &[u8], dir: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("No errors") && !text.contains("leaked"),
+        "qemu-img check: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = dir.join("mirror.raw");
+    std::fs::write(&raw, expected).unwrap();
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&raw)
+        .arg(image));
+}
+
 #[test]
-fn a_writable_qcow2_export_is_refused() {
+fn a_writable_qcow2_export_takes_writes_from_several_connections() {
+    let dir = testutil::temp_dir();
+    let top = image(dir.path(), Some("qcow2"));
+    let mirror_file = dir.path().join("before.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&top)
+        .arg(&mirror_file));
+    let mut mirror = std::fs::read(&mirror_file).unwrap();
+    let server = FerryNbd::new(std::path::Path::new(env!("CARGO_BIN_EXE_ferry")), &top)
+        .arg("--format")
+        .arg("qcow2")
+        .start();
+    let uri = server.nbd_uri();
+    // Two clients at once on disjoint halves: partial clusters over backing data, whole
+    // clusters, zeroes over data.
+    let jobs: Vec<Vec<(u64, u64, Option<u8>)>> = vec![
+        vec![
+            (1000, 5000, Some(0xa1)),
+            (1 << 20, 32768, Some(0xa2)),
+            ((1 << 20) + 40000, 70000, Some(0xa3)),
+            (100 << 10, 200 << 10, None),
+            (3 << 20, 1 << 20, Some(0xa4)),
+            ((3 << 20) + 4096, 512, None),
+        ],
+        vec![
+            (6 << 20, 12345, Some(0xb1)),
+            ((8 << 20) + 512, 100, Some(0xb2)),
+            (9 << 20, 1 << 20, None),
+            ((5 << 20) + 77, 300000, Some(0xb3)),
+            ((10 << 20) + 1024, 3072, Some(0xb4)),
+        ],
+    ];
+    let children: Vec<_> = jobs
+        .iter()
+        .map(|job| {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "raw"]);
+            for &(off, len, byte) in job {
+                let c = match byte {
+                    Some(b) => format!("write -P {b} {off} {len}"),
+                    None => format!("write -z {off} {len}"),
+                };
+                cmd.args(["-c", &c]);
+            }
+            cmd.arg(&uri).arg("-c").arg("flush");
+            cmd.stdout(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && !text.contains("failed"), "{text}");
+    }
+    for &(off, len, byte) in jobs.iter().flatten() {
+        mirror[off as usize..(off + len) as usize].fill(byte.unwrap_or(0));
+    }
+    // Block status comes from the tables: the zeroed megabyte is no longer data.
+    let data = nbd_data(&uri);
+    assert!(
+        !data.iter().any(|&(a, b)| a.max(9 << 20) < b.min(10 << 20)),
+        "zeroed range reported as data: {data:?}"
+    );
+    let by_qemu = dir.path().join("by-qemu.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", &uri, "-O", "raw"])
+        .arg(&by_qemu));
+    assert!(
+        std::fs::read(&by_qemu).unwrap() == mirror,
+        "reads over NBD see the writes"
+    );
+    drop(server);
+    check_and_compare(&top, &mirror, dir.path());
+}
+
+#[test]
+fn nbdcopy_with_several_connections_into_a_writable_qcow2_export() {
     let dir = testutil::temp_dir();
     let plain = image(dir.path(), None);
-    for format in ["qcow2", "auto"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["nbd-server", "--format", format, "--socket"])
-            .arg(dir.path().join("x.sock"))
-            .arg(&plain)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{format}: {err}");
-        assert!(err.contains("--read-only"), "{format}: {err}");
-        assert!(!dir.path().join("x.sock").exists());
+    let size = (10usize << 20) + 4096;
+    let mut src = vec![0u8; size];
+    let mut x = 12345u64;
+    for (i, chunk) in src.chunks_mut(65536).enumerate() {
+        // Every third 64 KiB chunk stays zero, so nbdcopy also sends zeroes.
+        if i % 3 == 1 {
+            continue;
+        }
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
     }
+    let src_file = dir.path().join("src.raw");
+    std::fs::write(&src_file, &src).unwrap();
+    let server = FerryNbd::new(std::path::Path::new(env!("CARGO_BIN_EXE_ferry")), &plain)
+        .arg("--format")
+        .arg("auto")
+        .start();
+    let uri = server.nbd_uri();
+    run(Command::new("nbdcopy")
+        .args(["-C", "4", "--flush"])
+        .arg(&src_file)
+        .arg(&uri));
+    drop(server);
+    check_and_compare(&plain, &src, dir.path());
 }
