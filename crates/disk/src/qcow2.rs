@@ -82,6 +82,8 @@ impl Qcow2Endpoint {
         let mut caps = Caps::random_access(image.size());
         caps.read_only = !writable;
         caps.flush = writable;
+        // Changed tables stay in memory until a flush writes them back.
+        caps.needs_flush = writable;
         // Zero clusters (version 3) or deallocation (nothing below to show through) make
         // zeroing a table update.
         caps.efficient_zero = writable && (image.version() >= 3 || image.chain_len() == 1);

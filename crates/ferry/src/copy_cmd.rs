@@ -80,7 +80,8 @@ pub struct CopyArgs {
     #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = parse_format)]
     pub src_format: endpoints::Format,
     /// What is written: `raw` (the disk's bytes, the default) or `qcow2` (a new qcow2 image,
-    /// into a local file, a block device, or a pipe / `-`, streamed in one pass).
+    /// into a local file, a block device, or a pipe / `-`, streamed in one pass; with
+    /// --incremental/--bitmap, into the guest view of the existing qcow2 image DST).
     #[arg(long, value_name = "FORMAT", default_value = "raw", value_parser = crate::qcow2_out::parse_dst_format)]
     pub dst_format: crate::qcow2_out::DstFormat,
     /// Cluster size of a qcow2 destination (a power of 2 from 512 to 2M; default 64K).
@@ -379,14 +380,22 @@ async fn copy(args: CopyArgs) -> Result<(), Failure> {
     let limiter = bandwidth_limit(&args)?;
 
     let open_opts = open_options(&args);
-    if args.dst_format == crate::qcow2_out::DstFormat::Qcow2 {
+    let into_qcow2 = crate::qcow2_out::into_existing(&args);
+    if args.dst_format == crate::qcow2_out::DstFormat::Qcow2 && !into_qcow2 {
         return crate::qcow2_out::run(&args, &src_spec, &dst_spec, &open_opts, progress_out).await;
     }
     let src_opened = open(&src_spec, Role::Source, &open_opts).await?;
     let src = src_opened.endpoint.clone();
     let src_size = src.caps().size;
     let dst_role = Role::Destination { size: src_size };
-    let dst_opened = match open(&dst_spec, dst_role, &open_opts).await {
+    let dst_open = async {
+        if into_qcow2 {
+            crate::qcow2_out::open_existing(&dst_spec)
+        } else {
+            open(&dst_spec, dst_role, &open_opts).await
+        }
+    };
+    let dst_opened = match dst_open.await {
         Ok(o) => o,
         Err(e) => {
             let _ = src.close().await;

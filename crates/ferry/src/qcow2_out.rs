@@ -52,8 +52,38 @@ pub enum DstFormat {
     /// The disk's bytes as they are (the default, as nbdcopy).
     #[default]
     Raw,
-    /// A new qcow2 image holding the disk.
+    /// A new qcow2 image holding the disk; with an incremental copy, the guest view of an
+    /// existing image ([`into_existing`]).
     Qcow2,
+}
+
+/// `--dst-format qcow2` with `--incremental`/`--bitmap`: an incremental copy keeps its
+/// destination, so it writes into the guest view of the existing qcow2 image instead of
+/// creating one.
+pub fn into_existing(args: &CopyArgs) -> bool {
+    args.dst_format == DstFormat::Qcow2 && (args.incremental || args.bitmap.is_some())
+}
+
+/// Opens the destination of [`into_existing`]: a local file that is a qcow2 image already.
+pub fn open_existing(dst: &endpoints::Spec) -> Result<endpoints::Opened, Failure> {
+    let endpoints::Spec::Path(path) = dst else {
+        return Err(usage(
+            "an incremental copy with --dst-format qcow2 writes into an existing local qcow2 \
+             image; the destination is not a local file",
+        ));
+    };
+    if !path.exists() || !endpoints::looks_like_qcow2(path)? {
+        return Err(usage(format!(
+            "an incremental copy with --dst-format qcow2 writes into an existing qcow2 image, \
+             and {} is not one (a new image is written by a full copy)",
+            path.display()
+        )));
+    }
+    let image = disk::qcow2::Qcow2Endpoint::open_rw(path, true)?;
+    Ok(endpoints::Opened {
+        endpoint: std::sync::Arc::new(image),
+        http: None,
+    })
 }
 
 pub fn parse_dst_format(s: &str) -> Result<DstFormat, String> {
@@ -87,6 +117,23 @@ pub fn check_args(args: &CopyArgs) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    if into_existing(args) {
+        let refused = [
+            (args.cluster_size.is_some(), "--cluster-size"),
+            (args.compress.is_some(), "--compress"),
+            (args.resume.is_some(), "--resume"),
+            (args.blkhash.is_some(), "--blkhash"),
+            (args.allocated, "--allocated"),
+            (args.direct, "--direct"),
+            (args.verify, "--verify"),
+        ];
+        if let Some((_, flag)) = refused.iter().find(|(set, _)| *set) {
+            return Err(usage(format!(
+                "{flag} is not supported by an incremental copy into an existing qcow2 image"
+            )));
+        }
+        return Ok(());
+    }
     if let Some(cs) = args.cluster_size
         && (!cs.is_power_of_two() || !(512..=2 << 20).contains(&cs))
     {
@@ -103,10 +150,6 @@ pub fn check_args(args: &CopyArgs) -> Result<(), Failure> {
     }
     let refused = [
         (args.resume.is_some(), "--resume"),
-        (
-            args.incremental || args.bitmap.is_some(),
-            "--incremental/--bitmap",
-        ),
         (args.blkhash.is_some(), "--blkhash"),
         (args.allocated, "--allocated"),
         (
