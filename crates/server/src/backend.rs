@@ -3,7 +3,8 @@
 //! steps, and the advertised connection limits.
 //!
 //! `file://` opens the exact path of the ticket (never anything derived from a request), with
-//! O_DIRECT where the filesystem takes it. NBD URLs go through ferry's pipelined client; one
+//! O_DIRECT where the filesystem takes it, or with `"format": "qcow2"` the guest view of the
+//! qcow2 image there (its backing chain followed, writes into the image itself). NBD URLs go through ferry's pipelined client; one
 //! NBD client per ticket is shared by every HTTP connection of that ticket.
 
 use std::sync::Arc;
@@ -44,6 +45,24 @@ impl Backend {
     pub async fn open(spec: &TicketSpec) -> Result<Backend, DiskError> {
         let writable = spec.allows(Access::Write);
         match &spec.backend {
+            BackendUrl::File(path) if spec.qcow2 => {
+                let ep = if writable {
+                    disk::qcow2::Qcow2Endpoint::open_rw(path, true)?
+                } else {
+                    disk::qcow2::Qcow2Endpoint::open(path, true)?
+                };
+                let size = ep.caps().size.unwrap_or(0);
+                // The image takes concurrent writes (allocation is serialized inside it).
+                Ok(Backend {
+                    ep: Arc::new(ep),
+                    nbd: None,
+                    size,
+                    max_readers: MAX_CONNECTIONS,
+                    max_writers: MAX_CONNECTIONS,
+                    rmw: tokio::sync::Mutex::new(()),
+                    traffic: Arc::default(),
+                })
+            }
             BackendUrl::File(path) => {
                 let open = |direct| {
                     if writable {

@@ -61,6 +61,9 @@ pub struct TicketSpec {
     /// ferry's addition: this transfer's bandwidth limit in bytes per second (0: none),
     /// instead of the server's per-ticket default.
     pub bwlimit: Option<u64>,
+    /// ferry's addition (`"format": "qcow2"`): a `file://` image is a qcow2 image whose guest
+    /// view is transferred. Never guessed from the file's bytes, which a guest controls.
+    pub qcow2: bool,
 }
 
 impl TicketSpec {
@@ -107,6 +110,19 @@ impl TicketSpec {
         if uuid.is_empty() {
             return Err("Invalid value for 'uuid': empty ticket id".to_string());
         }
+        let qcow2 = match optional(map, "format", as_str)?.as_deref() {
+            None | Some("raw") => false,
+            Some("qcow2") if matches!(backend, BackendUrl::File(_)) => true,
+            Some("qcow2") => {
+                return Err("Invalid value for 'format': qcow2 needs a file:// url".into());
+            }
+            Some(other) => {
+                return Err(format!(
+                    "Invalid value for 'format': {}, expecting 'raw' or 'qcow2'",
+                    Value::String(other.to_string())
+                ));
+            }
+        };
         Ok(TicketSpec {
             uuid,
             size,
@@ -122,6 +138,7 @@ impl TicketSpec {
             dirty: optional(map, "dirty", as_bool)?.unwrap_or(false),
             document: Arc::from(&[][..]),
             bwlimit: optional(map, "bwlimit", as_uint)?,
+            qcow2,
         })
     }
 
