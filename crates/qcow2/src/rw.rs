@@ -100,6 +100,19 @@ impl Image {
         Ok(img)
     }
 
+    /// Opens an image held by `storage` for writing (its backing chain read-only); `name` is
+    /// used in messages and to resolve a relative backing file name.
+    pub fn from_storage_rw(
+        storage: Box<dyn crate::Storage>,
+        name: &str,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let mut seen = Vec::new();
+        let mut img = Image::from_storage_at(storage, name, opts, 0, &mut seen)?;
+        img.make_writable()?;
+        Ok(img)
+    }
+
     /// Was the image opened for writing?
     pub fn is_writable(&self) -> bool {
         self.meta.is_some()
@@ -719,8 +732,9 @@ impl Meta {
 
     /// Writes back early when the changed metadata grows large.
     fn bound_dirty(&mut self, img: &Image) -> Result<()> {
-        let n = (self.dirty_l2.len() + self.dirty_blocks.len()) as u64;
-        if n * img.cluster_size() > MAX_DIRTY_BYTES {
+        let tables = (self.dirty_l2.len() + self.dirty_blocks.len()) as u64;
+        let frees = self.pending_free.len() as u64 * 16;
+        if tables * img.cluster_size() + frees > MAX_DIRTY_BYTES {
             self.write_back(img)?;
         }
         Ok(())

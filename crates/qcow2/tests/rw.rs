@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use qcow2::{ErrorKind, Image, OpenOptions};
+use qcow2::{ErrorKind, Image, OpenOptions, Storage};
 use tempfile::TempDir;
 
 struct Rng(u64);
@@ -385,4 +385,130 @@ fn a_wrong_refcount_table_is_an_error_not_a_panic() {
     std::fs::write(&image, &data).unwrap();
     let e = Image::open_rw(&image, &OpenOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+}
+
+#[test]
+fn a_table_aimed_at_the_metadata_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    let image = create(dir.path(), "aimed.qcow2", "4M", &[]);
+    qemu_io(&image, "qcow2", &["write -P 0x11 0 64k"]);
+    let mut data = std::fs::read(&image).unwrap();
+    let l1 = be64_at(&data, 40) as usize;
+    let l2 = (be64_at(&data, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    // The first cluster's entry says "owned alone, at the L1 table".
+    data[l2..l2 + 8].copy_from_slice(&((l1 as u64) | 1 << 63).to_be_bytes());
+    std::fs::write(&image, &data).unwrap();
+    let img = Image::open_rw(&image, &OpenOptions::default()).unwrap();
+    let e = img.write_at(&[7u8; 512], 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("overlaps the image metadata"), "{e}");
+    drop(img);
+    assert_eq!(std::fs::read(&image).unwrap(), data, "nothing was written");
+}
+
+#[test]
+fn unflushed_writes_leave_a_consistent_image() {
+    let dir = TempDir::new().unwrap();
+    let image = create(dir.path(), "img.qcow2", "8M", &[]);
+    qemu_io(&image, "qcow2", &["write -P 0x11 0 1M"]);
+    let before = qemu_raw(&image, dir.path());
+    let img = Image::open_rw(&image, &OpenOptions::default()).unwrap();
+    img.write_at(&vec![0x22u8; 3 << 20], 2 << 20).unwrap();
+    img.zero(0, 512 << 10, false).unwrap();
+    // As if the process died here: the tables never reach the file.
+    std::mem::forget(img);
+    check_clean(&image);
+    compare(&before, &image, dir.path());
+}
+
+/// A file that keeps a copy of itself at every sync: each copy is what a crash right after
+/// that sync would leave.
+struct Snapshots {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    taken: std::sync::Mutex<Vec<std::path::PathBuf>>,
+}
+
+impl Storage for Snapshots {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        Storage::read_at(&self.file, buf, offset)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        Storage::len(&self.file)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        Storage::write_at(&self.file, buf, offset)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        let mut taken = self.taken.lock().unwrap();
+        let copy = self.path.with_extension(format!("crash{}", taken.len()));
+        std::fs::copy(&self.path, &copy)?;
+        taken.push(copy);
+        Ok(())
+    }
+}
+
+#[test]
+fn every_sync_point_leaves_a_consistent_image() {
+    let dir = TempDir::new().unwrap();
+    // Small clusters: the refcount table grows, and blocks and L2 tables are added often.
+    let image = create(dir.path(), "img.qcow2", "6M", &["-o", "cluster_size=512"]);
+    qemu_io(
+        &image,
+        "qcow2",
+        &["write -P 0x11 0 1M", "write -c -P 0x12 2M 512"],
+    );
+    let mut mirror = qemu_raw(&image, dir.path());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let storage = Snapshots {
+        file,
+        path: image.clone(),
+        taken: Default::default(),
+    };
+    let img =
+        Image::from_storage_rw(Box::new(storage), p(&image), &OpenOptions::default()).unwrap();
+    let mut rng = Rng(77);
+    for round in 0..6u64 {
+        let off = round << 20;
+        let buf = vec![round as u8 + 0x40; 700 << 10];
+        img.write_at(&buf, off + 1000).unwrap();
+        mirror[(off + 1000) as usize..(off + 1000) as usize + buf.len()].copy_from_slice(&buf);
+        random_ops(&img, &mut mirror, &mut rng, 40);
+        img.zero(off, 64 << 10, false).unwrap();
+        mirror[off as usize..(off + (64 << 10)) as usize].fill(0);
+        img.flush().unwrap();
+    }
+    drop(img);
+    check_clean(&image);
+    compare(&mirror, &image, dir.path());
+    let copies: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.to_string_lossy().starts_with("crash"))
+        })
+        .collect();
+    assert!(copies.len() > 20, "{} sync points", copies.len());
+    for copy in copies {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", p(&copy)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Leaks (exit 3) are what a crash may leave; errors never.
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "{}: {text}{}",
+            copy.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
