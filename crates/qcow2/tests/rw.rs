@@ -512,3 +512,31 @@ fn every_sync_point_leaves_a_consistent_image() {
         );
     }
 }
+
+#[test]
+fn writes_into_compressed_images() {
+    for compression in ["zlib", "zstd"] {
+        let dir = TempDir::new().unwrap();
+        let raw = dir.path().join("src.raw");
+        let mut src = vec![0u8; 4 << 20];
+        let mut rng = Rng(5);
+        for (i, chunk) in src.chunks_mut(4096).enumerate() {
+            if i % 5 != 0 {
+                chunk.fill((rng.next() % 7) as u8 + 1);
+            }
+        }
+        std::fs::write(&raw, &src).unwrap();
+        let image = dir.path().join("img.qcow2");
+        let opt = format!("compression_type={compression}");
+        qemu_img(&[
+            "convert", "-c", "-O", "qcow2", "-o", &opt, "-f", "raw", p(&raw), p(&image),
+        ]);
+        {
+            let img = Image::open_rw(&image, &OpenOptions::default()).unwrap();
+            random_ops(&img, &mut src, &mut rng, 300);
+            img.flush().unwrap();
+        }
+        check_clean(&image);
+        compare(&src, &image, dir.path());
+    }
+}
