@@ -529,7 +529,16 @@ fn writes_into_compressed_images() {
         let image = dir.path().join("img.qcow2");
         let opt = format!("compression_type={compression}");
         qemu_img(&[
-            "convert", "-c", "-O", "qcow2", "-o", &opt, "-f", "raw", p(&raw), p(&image),
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &opt,
+            "-f",
+            "raw",
+            p(&raw),
+            p(&image),
         ]);
         {
             let img = Image::open_rw(&image, &OpenOptions::default()).unwrap();
