@@ -94,6 +94,21 @@ impl Image {
             .write(true)
             .open(path)
             .map_err(|e| Qcow2Error::io(&name, None, "opening the image for writing", e))?;
+        // Two writers appending clusters would hand out the same ones: one writer at a time
+        // (among those that take this lock; qemu's own byte-range locks are separate).
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Qcow2Error::new(
+                    &name,
+                    ErrorKind::Io,
+                    "the image is already open for writing by another process",
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Qcow2Error::io(&name, None, "locking the image", e));
+            }
+        }
         let mut seen = Vec::new();
         let mut img = Image::from_storage_at(Box::new(file), &name, opts, 0, &mut seen)?;
         img.make_writable()?;

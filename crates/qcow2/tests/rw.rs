@@ -549,3 +549,15 @@ fn writes_into_compressed_images() {
         compare(&src, &image, dir.path());
     }
 }
+
+#[test]
+fn one_writer_at_a_time() {
+    let dir = TempDir::new().unwrap();
+    let image = create(dir.path(), "img.qcow2", "1M", &[]);
+    let first = Image::open_rw(&image, &OpenOptions::default()).unwrap();
+    let e = Image::open_rw(&image, &OpenOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("already open for writing"), "{e}");
+    Image::open(&image, &OpenOptions::default()).unwrap();
+    drop(first);
+    Image::open_rw(&image, &OpenOptions::default()).unwrap();
+}
