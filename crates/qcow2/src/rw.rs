@@ -15,9 +15,12 @@
 //! Overwriting a cluster the image already owns alone (the COPIED flag) needs no lock: only
 //! allocation and table changes run under the metadata mutex.
 //!
-//! Refused for writing, by name: extended L2 entries, internal snapshots, persistent bitmaps
-//! (writing would make them stale), refcounts narrower than 8 bits, and images left dirty by a
-//! writer with lazy refcounts.
+//! Extended L2 entries are written per subcluster: a write into a cluster the image owns
+//! completes and allocates only the subclusters it touches.
+//!
+//! Refused for writing, by name: internal snapshots, persistent bitmaps (writing would make
+//! them stale), refcounts narrower than 8 bits, and images left dirty by a writer with lazy
+//! refcounts.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
@@ -140,13 +143,6 @@ impl Image {
                 self,
                 "image was left dirty by a writer with lazy refcounts; repair it with \
                  'qemu-img check -r all' before writing",
-            )
-            .at(72));
-        }
-        if self.extended {
-            return Err(unsupported(
-                self,
-                "writing into images with extended L2 entries (subclusters) is not supported",
             )
             .at(72));
         }
@@ -278,8 +274,9 @@ impl Image {
             .map_err(|e| Qcow2Error::io(&self.path, None, "syncing the image", e))
     }
 
-    /// The L1 index, the L1 entry and the L2 entry (0 without an L2 table) of a guest offset.
-    fn raw_entry(&self, guest: u64) -> Result<(usize, u64, u64)> {
+    /// The L1 index, the L1 entry, the L2 entry and its subcluster bitmap (0 without an L2
+    /// table; always 0 without extended L2 entries) of a guest offset.
+    fn raw_entry(&self, guest: u64) -> Result<(usize, u64, u64, u64)> {
         let cb = self.cluster_bits;
         let l1_index = (guest >> (cb + self.l2_bits)) as usize;
         let Some(l1_entry) = self.l1.get(l1_index).map(|e| e.load(Ordering::Acquire)) else {
@@ -291,11 +288,14 @@ impl Image {
         };
         let l2_offset = l1_entry & L1_OFFSET_MASK;
         if l2_offset == 0 {
-            return Ok((l1_index, l1_entry, 0));
+            return Ok((l1_index, l1_entry, 0, 0));
         }
         let table = self.l2_table(l1_index, l2_offset)?;
         let i = ((guest >> cb) as usize) & ((1usize << self.l2_bits) - 1);
-        Ok((l1_index, l1_entry, table[i]))
+        if self.extended {
+            return Ok((l1_index, l1_entry, table[2 * i], table[2 * i + 1]));
+        }
+        Ok((l1_index, l1_entry, table[i], 0))
     }
 
     /// A data cluster may be written where it is: checked against the metadata whose place is
@@ -325,11 +325,31 @@ impl Image {
         Ok(())
     }
 
-    /// Where the cluster of `guest` can be overwritten in place, if it can.
-    fn in_place_host(&self, guest: u64) -> Result<Option<u64>> {
-        let (_, l1_entry, entry) = self.raw_entry(guest)?;
+    /// The subclusters of `[in_cluster, in_cluster+len)`, as a bitmap (extended L2 entries).
+    fn subcluster_mask(&self, in_cluster: u64, len: u64) -> u32 {
+        let sc_bits = self.cluster_bits - 5;
+        let first = in_cluster >> sc_bits;
+        let last = (in_cluster + len - 1) >> sc_bits;
+        let ones = if last - first >= 31 {
+            u32::MAX
+        } else {
+            (1u32 << (last - first + 1)) - 1
+        };
+        ones << first
+    }
+
+    /// Where the `len` bytes at `guest` (inside one cluster) can be overwritten in place, if
+    /// they can.
+    fn in_place_host(&self, guest: u64, len: u64) -> Result<Option<u64>> {
+        let (_, l1_entry, entry, bitmap) = self.raw_entry(guest)?;
         let host = entry & L2_OFFSET_MASK;
-        let zero = self.header.version >= 3 && entry & L2_ZERO != 0;
+        let zero = if self.extended {
+            // Every subcluster written must be allocated already.
+            let mask = self.subcluster_mask(guest & (self.cluster_size() - 1), len);
+            (bitmap as u32) & mask != mask
+        } else {
+            self.header.version >= 3 && entry & L2_ZERO != 0
+        };
         if l1_entry & COPIED == 0
             || entry & COPIED == 0
             || entry & L2_COMPRESSED != 0
@@ -355,7 +375,7 @@ impl Image {
             let in_cluster = guest & (cs - 1);
             let n = ((cs - in_cluster) as usize).min(buf.len() - pos);
             let chunk = &buf[pos..pos + n];
-            match self.in_place_host(guest)? {
+            match self.in_place_host(guest, n as u64)? {
                 Some(host) => self.pwrite(chunk, host + in_cluster, "guest data")?,
                 None => {
                     let mut m = self.meta_lock("write")?;
@@ -375,13 +395,16 @@ impl Image {
         let in_cluster = guest & (cs - 1);
         let start = guest - in_cluster;
         // Another writer may have allocated it while this one waited for the lock.
-        if let Some(host) = self.in_place_host(guest)? {
+        if let Some(host) = self.in_place_host(guest, chunk.len() as u64)? {
             return self.pwrite(chunk, host + in_cluster, "guest data");
         }
-        let (_, _, old) = self.raw_entry(guest)?;
+        let (_, _, old, bitmap) = self.raw_entry(guest)?;
         let old_host = old & L2_OFFSET_MASK;
         let compressed = old & L2_COMPRESSED != 0;
-        let zero = self.header.version >= 3 && old & L2_ZERO != 0 && !compressed;
+        if self.extended && !compressed && old_host != 0 && old & COPIED != 0 {
+            return self.write_subclusters(m, guest, chunk, old, bitmap);
+        }
+        let zero = !self.extended && self.header.version >= 3 && old & L2_ZERO != 0 && !compressed;
         let visible = (self.size() - start).min(cs) as usize;
         let mut data = vec![0u8; cs as usize];
         if (chunk.len() as u64) < visible as u64 && !zero {
@@ -397,20 +420,59 @@ impl Image {
             m.alloc_one(self)?
         };
         self.pwrite(&data, host, "guest data")?;
-        self.set_entry(m, guest, host | COPIED)?;
+        let all = if self.extended {
+            u64::from(u32::MAX)
+        } else {
+            0
+        };
+        self.set_entry(m, guest, host | COPIED, all)?;
         if !keep {
             m.release(self, old);
         }
         Ok(())
     }
 
-    /// Points the L2 entry of `guest` at `value`, allocating the L2 table when there is none.
-    fn set_entry(&self, m: &mut Meta, guest: u64, value: u64) -> Result<()> {
-        let (l1_index, l1_entry, _) = self.raw_entry(guest)?;
+    /// Writes into a cluster the image owns whose subclusters are not all allocated: the
+    /// subclusters touched are completed from the guest view (backing file or zeroes) and
+    /// marked allocated.
+    fn write_subclusters(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        chunk: &[u8],
+        entry: u64,
+        bitmap: u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let sc = cs >> 5;
+        let in_cluster = guest & (cs - 1);
+        let start = guest - in_cluster;
+        let host = entry & L2_OFFSET_MASK;
+        self.check_data_host(host, guest)?;
+        let from = in_cluster / sc * sc;
+        let to = (in_cluster + chunk.len() as u64).div_ceil(sc) * sc;
+        let visible = (self.size() - start).min(to) - from;
+        let mut data = vec![0u8; (to - from) as usize];
+        if chunk.len() as u64 != to - from {
+            self.read_at(&mut data[..visible as usize], start + from)?;
+        }
+        let at = (in_cluster - from) as usize;
+        data[at..at + chunk.len()].copy_from_slice(chunk);
+        self.pwrite(&data, host + from, "guest data")?;
+        let mask = u64::from(self.subcluster_mask(in_cluster, chunk.len() as u64));
+        let bitmap = (bitmap | mask) & !(mask << 32);
+        self.set_entry(m, guest, entry, bitmap)
+    }
+
+    /// Points the L2 entry of `guest` at `value` (with subcluster `bitmap` for extended L2
+    /// entries), allocating the L2 table when there is none.
+    fn set_entry(&self, m: &mut Meta, guest: u64, value: u64, bitmap: u64) -> Result<()> {
+        let (l1_index, l1_entry, _, _) = self.raw_entry(guest)?;
         let mut l2_offset = l1_entry & L1_OFFSET_MASK;
         if l2_offset == 0 {
             l2_offset = m.alloc_one(self)?;
-            let table: std::sync::Arc<[u64]> = vec![0u64; 1usize << self.l2_bits].into();
+            let words = (self.cluster_size() / 8) as usize;
+            let table: std::sync::Arc<[u64]> = vec![0u64; words].into();
             lock(&self.cache).put_pinned(l2_offset, table);
             m.dirty_l2.insert(l2_offset);
             // The table is in the cache before the L1 entry names it.
@@ -432,13 +494,22 @@ impl Image {
         }
         let table = self.l2_table(l1_index, l2_offset)?;
         let i = ((guest >> self.cluster_bits) as usize) & ((1usize << self.l2_bits) - 1);
+        let extended = self.extended;
+        let update = |t: &mut [u64]| {
+            if extended {
+                t[2 * i] = value;
+                t[2 * i + 1] = bitmap;
+            } else {
+                t[i] = value;
+            }
+        };
         let mut cache = lock(&self.cache);
         match cache.pin_mut(l2_offset) {
-            Some(t) => t[i] = value,
+            Some(t) => update(t),
             None => {
                 // Evicted between loading and pinning: pin a changed copy.
                 let mut t = table.to_vec();
-                t[i] = value;
+                update(&mut t);
                 cache.put_pinned(l2_offset, t.into());
             }
         }
@@ -460,7 +531,7 @@ impl Image {
             let in_cluster = guest & (cs - 1);
             let start = guest - in_cluster;
             let n = (cs - in_cluster).min(end - guest);
-            let (_, l1_entry, old) = self.raw_entry(guest)?;
+            let (_, l1_entry, old, bitmap) = self.raw_entry(guest)?;
             if l1_entry & L1_OFFSET_MASK == 0 && self.backing.is_none() {
                 // A whole unallocated table's span already reads as zeroes.
                 guest = (((guest >> span_bits) + 1) << span_bits).min(end);
@@ -468,8 +539,8 @@ impl Image {
             }
             let whole = in_cluster == 0 && (n == cs || start + n == self.size());
             if whole {
-                self.zero_cluster(&mut m, guest, old, keep_allocated)?;
-            } else if !self.reads_zero(old) {
+                self.zero_cluster(&mut m, guest, old, bitmap, keep_allocated)?;
+            } else if !self.reads_zero(old, bitmap) {
                 let zeroes = vec![0u8; n as usize];
                 self.write_cluster(&mut m, guest, &zeroes)?;
             }
@@ -479,19 +550,49 @@ impl Image {
         Ok(())
     }
 
-    /// The entry reads as zeroes by itself (not from a backing file).
-    fn reads_zero(&self, entry: u64) -> bool {
+    /// The whole cluster reads as zeroes by itself (not from a backing file).
+    fn reads_zero(&self, entry: u64, bitmap: u64) -> bool {
+        if self.extended {
+            return (entry == 0 && bitmap == 0 && self.backing.is_none())
+                || (entry & L2_COMPRESSED == 0 && bitmap >> 32 == u64::from(u32::MAX));
+        }
         if entry == 0 {
             return self.backing.is_none();
         }
         self.header.version >= 3 && entry & L2_ZERO != 0 && entry & L2_COMPRESSED == 0
     }
 
-    fn zero_cluster(&self, m: &mut Meta, guest: u64, old: u64, keep: bool) -> Result<()> {
+    fn zero_cluster(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        old: u64,
+        bitmap: u64,
+        keep: bool,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let compressed = old & L2_COMPRESSED != 0;
         let host = if compressed { 0 } else { old & L2_OFFSET_MASK };
         let owned = host != 0 && old & COPIED != 0;
+        if self.extended {
+            // All subclusters zero: with the cluster kept, or without a cluster at all.
+            let all_zero = u64::from(u32::MAX) << 32;
+            let target = if keep && owned {
+                (host | COPIED, all_zero)
+            } else if self.backing.is_none() {
+                (0, 0)
+            } else {
+                (0, all_zero)
+            };
+            if (old, bitmap) == target {
+                return Ok(());
+            }
+            self.set_entry(m, guest, target.0, target.1)?;
+            if !(keep && owned) {
+                m.release(self, old);
+            }
+            return Ok(());
+        }
         if self.header.version >= 3 {
             let target = if keep && owned {
                 host | COPIED | L2_ZERO
@@ -500,10 +601,10 @@ impl Image {
             } else {
                 L2_ZERO
             };
-            if old == target || (target == 0 && self.reads_zero(old) && host == 0) {
+            if old == target || (target == 0 && self.reads_zero(old, 0) && host == 0) {
                 return Ok(());
             }
-            self.set_entry(m, guest, target)?;
+            self.set_entry(m, guest, target, 0)?;
             if !(keep && owned) {
                 m.release(self, old);
             }
@@ -511,7 +612,7 @@ impl Image {
         }
         if self.backing.is_none() && !keep {
             if old != 0 {
-                self.set_entry(m, guest, 0)?;
+                self.set_entry(m, guest, 0, 0)?;
                 m.release(self, old);
             }
             return Ok(());
