@@ -469,13 +469,19 @@ impl Storage for Snapshots {
 
 #[test]
 fn every_sync_point_leaves_a_consistent_image() {
-    let dir = TempDir::new().unwrap();
     // Small clusters: the refcount table grows, and blocks and L2 tables are added often.
-    let image = create(dir.path(), "img.qcow2", "6M", &["-o", "cluster_size=512"]);
+    sync_points(&["-o", "cluster_size=512"], 512);
+    sync_points(&["-o", "cluster_size=16384,extended_l2=on"], 16384);
+}
+
+fn sync_points(opts: &[&str], cs: u64) {
+    let dir = TempDir::new().unwrap();
+    let image = create(dir.path(), "img.qcow2", "6M", opts);
+    let compressed = format!("write -c -P 0x12 2M {cs}");
     qemu_io(
         &image,
         "qcow2",
-        &["write -P 0x11 0 1M", "write -c -P 0x12 2M 512"],
+        &["write -P 0x11 0 1M", &compressed, "write -P 0x13 3M 700"],
     );
     let mut mirror = qemu_raw(&image, dir.path());
     let file = std::fs::OpenOptions::new()
