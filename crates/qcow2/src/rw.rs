@@ -327,6 +327,9 @@ impl Image {
 
     /// The subclusters of `[in_cluster, in_cluster+len)`, as a bitmap (extended L2 entries).
     fn subcluster_mask(&self, in_cluster: u64, len: u64) -> u32 {
+        if len == 0 {
+            return 0;
+        }
         let sc_bits = self.cluster_bits - 5;
         let first = in_cluster >> sc_bits;
         let last = (in_cluster + len - 1) >> sc_bits;
