@@ -322,3 +322,36 @@ fn nbdcopy_with_several_connections_into_a_writable_qcow2_export() {
     drop(server);
     check_and_compare(&plain, &src, dir.path());
 }
+
+#[test]
+fn a_write_into_an_image_with_a_wrong_refcount_table_fails_and_the_server_stays() {
+    let dir = testutil::temp_dir();
+    let plain = image(dir.path(), None);
+    let mut data = std::fs::read(&plain).unwrap();
+    let rt = u64::from_be_bytes(data[48..56].try_into().unwrap()) as usize;
+    // The first refcount block "lives" inside the header cluster.
+    data[rt..rt + 8].copy_from_slice(&1234u64.to_be_bytes());
+    std::fs::write(&plain, &data).unwrap();
+    let mut server = FerryNbd::new(std::path::Path::new(env!("CARGO_BIN_EXE_ferry")), &plain)
+        .arg("--format")
+        .arg("qcow2")
+        .start();
+    let uri = server.nbd_uri();
+    // An unallocated cluster: the write must allocate, which needs the refcounts.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x55 3M 4k"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("write failed"), "{text}");
+    assert!(server.is_running(), "the server survives: {}", server.log());
+    // Reads still work.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", "read -P 0x21 1M 64k"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+}
