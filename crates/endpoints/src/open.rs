@@ -121,6 +121,8 @@ pub struct HttpSettings {
     pub unix_socket: bool,
     /// How long connecting may take, and a server may stay silent.
     pub deadlines: imageio::Deadlines,
+    /// Compress upload bodies for servers that take them (`ferry serve`).
+    pub compression: imageio::WireCompression,
 }
 
 impl Default for HttpSettings {
@@ -130,6 +132,7 @@ impl Default for HttpSettings {
             insecure: false,
             unix_socket: true,
             deadlines: imageio::Deadlines::default(),
+            compression: imageio::WireCompression::Off,
         }
     }
 }
@@ -283,6 +286,7 @@ pub async fn open(spec: &Spec, role: Role, opts: &OpenOptions) -> Result<Opened,
                 dirty: source && opts.incremental,
                 retry: opts.retry,
                 deadlines: opts.http.deadlines,
+                compression: opts.http.compression,
             };
             let ep = Arc::new(imageio::open(url, &http).await?);
             return Ok(Opened {

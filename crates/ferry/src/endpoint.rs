@@ -85,6 +85,7 @@ impl HttpArgs {
             ca_file: self.cafile.clone(),
             insecure: self.insecure,
             unix_socket: !self.no_unix_socket,
+            compression: imageio::WireCompression::Off,
         }
     }
 

@@ -18,6 +18,7 @@ use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::body::ReqBody;
+use crate::compress::{Policy, WireCompression};
 use crate::request::{Fail, Shared, content_range, content_range_total, status_error};
 use crate::stream::{RunReader, RunWriter};
 pub use crate::transport::Deadlines;
@@ -52,6 +53,8 @@ pub struct HttpOptions {
     pub retry: RetryPolicy,
     /// Deadlines for opening a connection and for a server that stops moving bytes.
     pub deadlines: Deadlines,
+    /// Compress upload bodies, when the server takes them compressed.
+    pub compression: WireCompression,
 }
 
 impl Default for HttpOptions {
@@ -65,6 +68,7 @@ impl Default for HttpOptions {
             dirty: false,
             retry: RetryPolicy::default(),
             deadlines: Deadlines::default(),
+            compression: WireCompression::Off,
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct ServerInfo {
     pub ranges: bool,
     /// Where connections go after the probe (`unix …` when the local socket is used).
     pub transport: String,
+    /// Body encodings the server takes on PUT (ferry's OPTIONS extension).
+    pub encodings: Vec<String>,
 }
 
 impl ServerInfo {
@@ -108,6 +114,8 @@ pub struct HttpEndpoint {
     dirty: Mutex<ExtentCache>,
     /// For servers without Range: the one GET that streams the image, and where it is.
     whole: Mutex<Option<(u64, RunReader)>>,
+    /// Upload runs are compressed as this decides (`None`: never).
+    compression: Option<Arc<Policy>>,
 }
 
 /// Connects to `url`, learns what the server offers, and returns the endpoint.
@@ -157,6 +165,7 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
             info.max_readers = doc.max_readers;
             info.max_writers = doc.max_writers;
             info.unix_socket = doc.unix_socket.clone();
+            info.encodings = doc.ferry_encodings.clone();
             size = doc.size;
             // A read-only ticket's OPTIONS allows only OPTIONS and GET; without the header,
             // assume writing is allowed and let the server refuse.
@@ -187,7 +196,9 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
             opts.connections.max(1)
         };
         shared.pool.grow_to(connections);
-        HttpEndpoint::new(shared, info, size, opts.dirty)
+        let mut ep = HttpEndpoint::new(shared, info, size, opts.dirty);
+        ep.compression = compression_policy(url, &ep.info, opts.compression);
+        ep
     };
     if !info.imageio {
         let (size, ranges) = probe_plain(&shared, &fail).await?;
@@ -232,6 +243,21 @@ pub async fn open(url: &str, opts: &HttpOptions) -> Result<HttpEndpoint, DiskErr
         *endpoint.extents.lock().unwrap_or_else(|p| p.into_inner()) = cache;
     }
     Ok(endpoint)
+}
+
+/// How uploads to this server are compressed: `None` for plain bytes always.
+fn compression_policy(url: &str, info: &ServerInfo, mode: WireCompression) -> Option<Arc<Policy>> {
+    if mode == WireCompression::Off || !info.writable {
+        return None;
+    }
+    if !info.encodings.iter().any(|e| e == crate::compress::ZSTD) {
+        tracing::warn!(
+            "{url}: the server does not take zstd bodies: --wire-compression {mode} ignored, \
+             uploading plain bytes"
+        );
+        return None;
+    }
+    Some(Arc::new(Policy::new(mode)))
 }
 
 /// OPTIONS: the imageio document, or `None` when the server does not answer like imageio;
@@ -399,6 +425,7 @@ impl HttpEndpoint {
             extents: Mutex::new(ExtentCache::default()),
             dirty: Mutex::new(ExtentCache::default()),
             whole: Mutex::new(None),
+            compression: None,
         }
     }
 
@@ -686,7 +713,7 @@ impl Endpoint for HttpEndpoint {
         if self.info.imageio && self.info.writable {
             Box::new(RunSink::new(
                 self,
-                RunWriter::new(self.shared.clone()),
+                RunWriter::new(self.shared.clone(), self.compression.clone()),
                 opts,
             ))
         } else {

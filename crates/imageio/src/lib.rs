@@ -4,6 +4,7 @@
 //! HTTP(S) images, read-only, with ranged GETs (or one GET when the server ignores Range).
 
 mod body;
+pub mod compress;
 pub mod endpoint;
 mod request;
 mod stream;
@@ -12,5 +13,6 @@ mod upload;
 pub mod url;
 pub mod wire;
 
+pub use compress::WireCompression;
 pub use endpoint::{Deadlines, HttpEndpoint, HttpOptions, ServerInfo, open, parse_extents};
 pub use url::{HttpUrl, is_http_url};

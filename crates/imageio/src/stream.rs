@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use disk::{BoxFut, DiskError, ErrorKind, Op, Permit, StreamReader};
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::body::ReqBody;
+use crate::compress::{self, Policy};
 use crate::request::{Fail, Shared};
 use crate::transport::Lease;
 use disk::retry::Backoff;
@@ -37,7 +39,7 @@ struct PutRun {
 }
 
 impl RunWriter {
-    pub(crate) fn new(shared: Arc<Shared>) -> RunWriter {
+    pub(crate) fn new(shared: Arc<Shared>, compression: Option<Arc<Policy>>) -> RunWriter {
         let fail = Fail::new(&shared.name, Op::Write);
         let abandoned = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel::<PutRun>();
@@ -51,7 +53,15 @@ impl RunWriter {
                         .at(run.offset, len)
                         .because(ErrorKind::Cancelled, "upload abandoned"))
                 } else {
-                    put_run(&shared, run.offset, len, &run.pieces, run.budget).await
+                    put_run(
+                        &shared,
+                        compression.as_deref(),
+                        run.offset,
+                        len,
+                        &run.pieces,
+                        run.budget,
+                    )
+                    .await
                 };
                 if let Err(e) = &result {
                     tracing::debug!("{e}");
@@ -102,27 +112,52 @@ impl RunWriter {
 
 async fn put_run(
     shared: &Shared,
+    compression: Option<&Policy>,
     offset: u64,
     len: u64,
     pieces: &[Bytes],
     budget: Permit,
 ) -> Result<(), DiskError> {
     let fail = Fail::new(&shared.name, Op::Write).at(offset, len);
-    let sent = Arc::new(Mutex::new(Some(budget)));
+    let started = Instant::now();
+    let compressed = compression.is_some_and(Policy::choose);
+    // A compressed run's body is kept whole (and resent whole); the pieces' budget goes as
+    // soon as it is made.
+    let (body, budget) = if compressed {
+        let body = compress::compress(pieces)
+            .await
+            .map_err(|e| fail.because(ErrorKind::Other, format!("compressing a run: {e}")))?;
+        drop(budget);
+        (Some(body), None)
+    } else {
+        (None, Some(budget))
+    };
+    let sent = Arc::new(Mutex::new(budget));
     let make = || {
-        Request::put(shared.target_with("flush=n"))
+        let req = Request::put(shared.target_with("flush=n"))
             .header(header::HOST, &shared.host)
-            .header(header::CONTENT_LENGTH, len)
             .header(
                 header::CONTENT_RANGE,
                 format!("bytes {}-{}/*", offset, offset + len - 1),
-            )
-            .body(ReqBody::pieces(pieces, &sent))
-            .expect("valid request")
+            );
+        match &body {
+            Some(b) => req
+                .header(header::CONTENT_LENGTH, b.len())
+                .header(header::CONTENT_ENCODING, compress::ZSTD)
+                .body(ReqBody::full(b.clone())),
+            None => req
+                .header(header::CONTENT_LENGTH, len)
+                .body(ReqBody::pieces(pieces, &sent)),
+        }
+        .expect("valid request")
     };
     // `call` sends again (from the pieces kept here) when the connection breaks or the server
     // answers 5xx: a PUT at an offset is idempotent.
-    shared.call(make, &fail).await.map(|_| ())
+    shared.call(make, &fail).await?;
+    if let Some(policy) = compression {
+        policy.record(compressed, len, started.elapsed());
+    }
+    Ok(())
 }
 
 /// One pipeline's downloads: runs are fetched one after another by one task, each as one

@@ -33,6 +33,9 @@ pub struct Options {
     /// Where the same ticket is served over NBD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_url: Option<String>,
+    /// Body encodings a PUT may carry in `Content-Encoding` (ferry's extension: `zstd`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ferry_encodings: Vec<String>,
 }
 
 impl Options {

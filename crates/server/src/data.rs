@@ -336,6 +336,9 @@ impl DataApi {
         let mut doc = imageio::wire::Options {
             unix_socket: self.unix_socket.clone(),
             features: RW.iter().map(|f| f.to_string()).collect(),
+            // PUT takes zstd bodies (crate::upload): ferry's own key, which imageio's clients
+            // ignore.
+            ferry_encodings: vec![imageio::compress::ZSTD.to_string()],
             ..imageio::wire::Options::default()
         };
         let allow = if id == "*" {
@@ -346,6 +349,7 @@ impl DataApi {
             let write = ticket.spec.allows(Access::Write);
             if !write {
                 doc.features.truncate(2);
+                doc.ferry_encodings.clear();
             }
             doc.max_readers = Some(backend.max_readers);
             doc.max_writers = Some(backend.max_writers);

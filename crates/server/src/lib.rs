@@ -29,6 +29,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod data;
+mod encoding;
 pub mod metrics;
 pub mod nbd_export;
 pub mod range;

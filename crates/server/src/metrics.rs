@@ -17,6 +17,9 @@
 //! - `ferry_bwlimit_waits_total` and `ferry_bwlimit_wait_seconds_total`: time transfers spent
 //!   held back by bandwidth limits.
 //! - `ferry_tickets`: tickets installed.
+//! - `ferry_upload_wire_bytes_total{encoding}`: PUT body bytes as they came over the wire, by
+//!   `Content-Encoding` (`identity`, `zstd`); with `ferry_bytes_total{op="written"}` it shows
+//!   what compression saved.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +44,11 @@ const RECENT_ERRORS: usize = 50;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabel {
     op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EncodingLabel {
+    encoding: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,6 +150,7 @@ pub struct Metrics {
     accepted: Family<ServiceLabel, Counter>,
     errors: Family<KindLabel, Counter>,
     bwlimit_waits: Counter,
+    upload_wire: Family<EncodingLabel, Counter>,
     bwlimit_wait_seconds: Counter<f64, AtomicU64>,
     live: Mutex<HashMap<u64, Weak<ConnCtx>>>,
     recent: Mutex<VecDeque<RecentError>>,
@@ -248,6 +257,12 @@ impl Metrics {
             "Seconds transfers spent waiting for bandwidth limits",
             bwlimit_wait_seconds.clone(),
         );
+        let upload_wire = Family::<EncodingLabel, Counter>::default();
+        registry.register(
+            "ferry_upload_wire_bytes",
+            "PUT body bytes as received on the wire, by Content-Encoding",
+            upload_wire.clone(),
+        );
         registry.register_collector(Box::new(TicketCollector {
             tickets: Arc::new(tickets),
         }));
@@ -261,6 +276,7 @@ impl Metrics {
             errors,
             bwlimit_waits,
             bwlimit_wait_seconds,
+            upload_wire,
             live: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
         }
@@ -330,6 +346,13 @@ impl Metrics {
     }
 
     /// A wait of `waited` for a bandwidth limit.
+    /// A PUT body took `n` bytes on the wire, sent with `encoding`.
+    pub fn upload_wire(&self, encoding: &'static str, n: u64) {
+        self.upload_wire
+            .get_or_create(&EncodingLabel { encoding })
+            .inc_by(n);
+    }
+
     pub fn bwlimit_wait(&self, waited: Duration) {
         self.bwlimit_waits.inc();
         self.bwlimit_wait_seconds.inc_by(waited.as_secs_f64());

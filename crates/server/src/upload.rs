@@ -14,12 +14,12 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, TRANSFER_ENCODING};
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::Value;
 
 use crate::conn::ConnCtx;
 use crate::data::DataApi;
+use crate::encoding::{self, BodyFail, Encoding};
 use crate::request::{query_pairs, read_small_body, yes_no};
 use crate::respond::{Body, HttpError, empty};
 use crate::ticket::Access;
@@ -50,7 +50,7 @@ pub(crate) async fn put(
 ) -> Result<Response<Body>, HttpError> {
     // Errors before the body is read close the connection: the unread body must never be
     // parsed as the next request.
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let q = query_pairs(&parts.uri);
     let headers = &parts.headers;
     let chunked = headers.get(TRANSFER_ENCODING).is_some_and(|v| {
@@ -72,14 +72,29 @@ pub(crate) async fn put(
             return Err(HttpError::bad_request("Content-Length header is required"));
         }
     };
-    let offset = match headers.get(CONTENT_RANGE) {
+    let range = match headers.get(CONTENT_RANGE) {
         Some(v) => {
             let text = v.to_str().unwrap_or("<non-ascii>");
-            ContentRange::parse(text)
-                .map_err(|m| HttpError::bad_request(m.0).closing())?
-                .first
+            Some(ContentRange::parse(text).map_err(|m| HttpError::bad_request(m.0).closing())?)
         }
-        None => 0,
+        None => None,
+    };
+    let offset = range.as_ref().map_or(0, |r| r.first);
+    // A compressed body's Content-Length is its size on the wire; what it writes is the
+    // range Content-Range names, which it must decode to exactly.
+    let encoding = encoding::of(headers).map_err(HttpError::closing)?;
+    let content_length = match encoding {
+        Encoding::Identity => content_length,
+        Encoding::Zstd => match range.as_ref().and_then(|r| r.last) {
+            Some(last) => Some(last - offset + 1),
+            None => {
+                return Err(HttpError::bad_request(
+                    "Content-Encoding: zstd needs a Content-Range with its last byte \
+                     (bytes FIRST-LAST/*)",
+                )
+                .closing());
+            }
+        },
     };
     // Checked in the reference's order: framing, Content-Range, flush, then the ticket.
     let flush = yes_no(&q, "flush", true).map_err(HttpError::closing)?;
@@ -119,6 +134,8 @@ pub(crate) async fn put(
     };
     let op = ticket.begin(offset).map_err(|f| HttpError::forbidden(&f))?;
     let started = std::time::Instant::now();
+    let mut body = encoding::Source::new(body, encoding, limit - offset)
+        .map_err(|m| HttpError::internal(m).closing())?;
 
     let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
     // Bytes received but not yet written, whatever their requests' sizes.
@@ -206,7 +223,7 @@ pub(crate) async fn put(
                     "Transfer={} was canceled", ticket.label()))));
                 body_done = true;
             }
-            frame = tokio::time::timeout(ctx.timeout(), body.frame()),
+            frame = tokio::time::timeout(ctx.timeout(), body.next()),
                 if !body_done && throttle.is_none() && in_flight < depth as u64 * chunk
                     && writes.len() < MAX_WRITES =>
             {
@@ -227,7 +244,18 @@ pub(crate) async fn put(
                         }
                         continue;
                     }
-                    Ok(Some(Err(e))) => {
+                    Ok(Some(Err(BodyFail::Decode(message)))) => {
+                        // Bytes that do not decode to what was declared: nothing more is
+                        // written, not even the chunk being filled.
+                        if let Some(b) = buf.take() {
+                            budget.release(b.size as u64);
+                            in_flight -= b.filled as u64;
+                        }
+                        failure = Some(HttpError::bad_request(message).closing());
+                        body_done = true;
+                        continue;
+                    }
+                    Ok(Some(Err(BodyFail::Transport(e)))) => {
                         // What did arrive is written, as the reference does: the client
                         // resends the failed range either way.
                         if let Some(b) = buf.take() {
@@ -242,10 +270,7 @@ pub(crate) async fn put(
                         body_done = true;
                         continue;
                     }
-                    Ok(Some(Ok(f))) => match f.into_data() {
-                        Ok(d) => d,
-                        Err(_) => continue, // trailers
-                    },
+                    Ok(Some(Ok(d))) => d,
                 };
                 received += data.len() as u64;
                 let n = data.len() as u64;
@@ -308,6 +333,9 @@ pub(crate) async fn put(
             }
         }
     }
+    api.store
+        .metrics
+        .upload_wire(encoding.name(), body.wire_bytes());
     // Every issued write has completed here; the operation may end. A ticket deleted while
     // the last writes ran still fails the upload: the client must not think it landed.
     if failure.is_none() && ticket.is_canceled() {
@@ -334,6 +362,8 @@ pub(crate) async fn put(
     tracing::info!(
         offset,
         length = received,
+        wire = body.wire_bytes(),
+        encoding = encoding.name(),
         flush,
         seconds = started.elapsed().as_secs_f64(),
         "upload done"
