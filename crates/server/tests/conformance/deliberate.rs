@@ -77,6 +77,14 @@ pub const DELIBERATE: &[Deliberate] = &[
         reason: "ferry's version string: /info/ also names the server (`ferry/VERSION`)",
     },
     Deliberate {
+        cases: "put/content-encoding-unknown",
+        field: "*",
+        backend: None,
+        reason: "a PUT body in a Content-Encoding the server does not take (ferry takes zstd \
+                 and identity) is refused with 415 and the connection closed; the reference \
+                 ignores the header and writes the encoded bytes as image data",
+    },
+    Deliberate {
         cases: "route/head",
         field: "*",
         backend: None,
