@@ -357,7 +357,10 @@ fn open_path(path: &Path, role: Role, opts: &OpenOptions) -> Result<Arc<dyn Endp
         }
         _ => None,
     };
-    if let Some(image) = qcow2 {
+    if let Some(mut image) = qcow2 {
+        if opts.inline_io {
+            image = image.inline_io();
+        }
         return Ok(Arc::new(match &opts.qcow2_bitmap {
             Some(bitmap) => image.with_bitmap(bitmap)?,
             None => image,

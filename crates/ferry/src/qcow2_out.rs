@@ -79,7 +79,7 @@ pub fn open_existing(dst: &endpoints::Spec) -> Result<endpoints::Opened, Failure
             path.display()
         )));
     }
-    let image = disk::qcow2::Qcow2Endpoint::open_rw(path, true)?;
+    let image = disk::qcow2::Qcow2Endpoint::open_rw(path, true)?.inline_io();
     Ok(endpoints::Opened {
         endpoint: std::sync::Arc::new(image),
         http: None,
