@@ -58,8 +58,9 @@ pub struct FileEndpoint {
     inner: Arc<Inner>,
     identity: String,
     caps: Caps,
-    /// Buffered writes to one file serialise on the inode lock in the kernel; concurrent ones
-    /// only spin there. One at a time (several with O_DIRECT) keeps the CPU for real work.
+    /// Buffered writes to one file serialise on the inode lock in the kernel, and more than a
+    /// few at once only spin there. Two (several with O_DIRECT): while one copies into the page
+    /// cache, the next waits at the lock rather than behind a pipeline's turn.
     write_gate: tokio::sync::Semaphore,
     /// Run the syscalls in the calling task instead of on the blocking pool.
     inline: bool,
@@ -218,7 +219,7 @@ impl FileEndpoint {
                 write_behind: None,
             }),
             caps,
-            write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 1 }),
+            write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 2 }),
             inline: false,
         })
     }
