@@ -279,45 +279,46 @@ fn on_local_filesystem(file: &File) -> bool {
     matches!(st.f_type as i64, EXT4 | XFS | BTRFS | TMPFS)
 }
 
-/// One positional read or write with RWF_NOWAIT: it does what the page cache allows without
-/// waiting for the disk, and fails with EAGAIN where it would have to wait.
-fn nowait(
-    file: &File,
-    buf: *mut u8,
-    len: usize,
-    offset: u64,
-    write: bool,
-) -> std::io::Result<usize> {
+/// A positional read with RWF_NOWAIT: what the page cache holds, without waiting for the
+/// disk; EAGAIN where it would have to wait.
+fn nowait_read(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let iov = libc::iovec {
-        iov_base: buf.cast(),
-        iov_len: len,
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
-    // SAFETY: `iov` describes `len` bytes at `buf`, which the caller owns (writable for a read,
-    // readable for a write) for the duration of the call; the descriptor stays open with `file`.
+    // SAFETY: `iov` describes `buf`, borrowed mutably for the call, so the kernel may write
+    // all of it; the descriptor stays open with `file`.
     let n = unsafe {
-        if write {
-            libc::pwritev2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        } else {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        }
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
     };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// A positional write with RWF_NOWAIT: into the page cache as far as it goes without
+/// waiting; EAGAIN where it would have to wait.
+fn nowait_write(file: &File, data: &[u8], offset: u64) -> std::io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: `iov` describes `data`, borrowed for the call; a write only reads through the
+    // pointer. The descriptor stays open with `file`.
+    let n = unsafe {
+        libc::pwritev2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 impl Inner {
@@ -328,7 +329,7 @@ impl Inner {
             return None;
         }
         let mut buf = bufpool::get(len);
-        match nowait(&self.file, buf.as_mut_ptr(), len, offset, false) {
+        match nowait_read(&self.file, &mut buf[..len], offset) {
             Ok(n) if n == len => Some(buf.freeze()),
             _ => None,
         }
@@ -340,14 +341,7 @@ impl Inner {
         if self.direct.is_some() || data.is_empty() {
             return 0;
         }
-        // The kernel only reads through the pointer for a write.
-        match nowait(
-            &self.file,
-            data.as_ptr().cast_mut(),
-            data.len(),
-            offset,
-            true,
-        ) {
+        match nowait_write(&self.file, data, offset) {
             Ok(n) => {
                 if let (Some(wb), true) = (&self.write_behind, n > 0) {
                     wb.written(offset, n as u64);
