@@ -158,7 +158,30 @@ impl Backing {
         };
         if inside > 0 {
             match self {
-                Backing::Raw { .. } => push_extent(out, offset, inside, ExtentKind::Data, depth),
+                Backing::Raw { path, storage, .. } => {
+                    let runs = storage.allocation(offset, inside).map_err(|e| {
+                        Qcow2Error::io(
+                            path,
+                            Some(offset),
+                            "finding the data of the backing file",
+                            e,
+                        )
+                    })?;
+                    match runs {
+                        // A hole in the raw base reads as zeroes, as qemu reports it.
+                        Some(runs) => {
+                            for (at, n, data) in runs {
+                                let kind = if data {
+                                    ExtentKind::Data
+                                } else {
+                                    ExtentKind::Zero
+                                };
+                                push_extent(out, at, n, kind, depth);
+                            }
+                        }
+                        None => push_extent(out, offset, inside, ExtentKind::Data, depth),
+                    }
+                }
                 Backing::Qcow2(img) => img.extents_into(offset, inside, depth, out)?,
             }
         }

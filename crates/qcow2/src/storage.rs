@@ -26,6 +26,29 @@ pub trait Storage: Send + Sync {
     fn sync_data(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Which parts of `[offset, offset+len)` hold data: runs `(start, length, data)` covering
+    /// the range in order, or `None` when the storage cannot tell (then it is all data). A raw
+    /// backing file's holes are reported from this, so they are never read.
+    fn allocation(&self, _offset: u64, _len: u64) -> io::Result<Option<Vec<(u64, u64, bool)>>> {
+        Ok(None)
+    }
+}
+
+/// lseek with SEEK_DATA or SEEK_HOLE; `None` when there is no data past `pos` (ENXIO).
+fn seek(file: &std::fs::File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek takes integers only; the descriptor belongs to `file` for the call. It
+    // moves the file offset, which nothing here uses: all I/O is positional.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
 }
 
 impl Storage for std::fs::File {
@@ -55,6 +78,36 @@ impl Storage for std::fs::File {
 
     fn sync_data(&self) -> io::Result<()> {
         std::fs::File::sync_data(self)
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64, bool)>>> {
+        let end = offset.saturating_add(len);
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(self, pos, libc::SEEK_DATA) {
+                Ok(found) => found.map_or(end, |d| d.clamp(pos, end)),
+                // The filesystem cannot say: everything is data.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            if data > pos {
+                runs.push((pos, data - pos, false));
+            }
+            if data >= end {
+                break;
+            }
+            let hole = match seek(self, data, libc::SEEK_HOLE)? {
+                Some(h) if h > data => h.min(end),
+                // No progress or the file shrank: the rest counts as data, which is safe.
+                _ => end,
+            };
+            runs.push((data, hole - data, true));
+            pos = hole;
+        }
+        Ok(Some(runs))
     }
 }
 

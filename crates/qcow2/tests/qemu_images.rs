@@ -206,6 +206,39 @@ fn preallocation_metadata_and_falloc() {
 }
 
 #[test]
+fn holes_of_a_raw_base_are_zero_not_data() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    // Sparse: data only at 1 MiB and 3 MiB, the rest holes.
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    qemu_io(
+        &base,
+        "raw",
+        &["write -P 0xc0 1M 64K", "write -P 0xc1 3M 128K"],
+    );
+    let top = create(d, "top.qcow2", "4M", &["-b", "base.raw", "-F", "raw"]);
+    qemu_io(&top, "qcow2", &["write -P 0xc2 0 64K"]);
+    // Reads and the whole map agree with qemu's.
+    let img = check_against_qemu(&top, d, &OpenOptions::default());
+    let ext = img.extents(0, img.size()).unwrap();
+    let data_below: u64 = ext
+        .iter()
+        .filter(|e| e.depth == 1 && e.kind == ExtentKind::Data)
+        .map(|e| e.length)
+        .sum();
+    assert_eq!(data_below, (64 << 10) + (128 << 10), "{ext:?}");
+    assert!(
+        ext.iter()
+            .any(|e| e.depth == 1 && e.kind == ExtentKind::Zero && e.offset == 64 << 10),
+        "{ext:?}"
+    );
+}
+
+#[test]
 fn three_deep_chain_raw_base() {
     let dir = TempDir::new().unwrap();
     let d = dir.path();
