@@ -1,6 +1,7 @@
 //! A qcow2 image as an endpoint: the guest view through the `qcow2` crate, on tokio's blocking
-//! pool (its reads are positional and it is shared by all requests), and extents from the
-//! image's tables instead of the file's holes. Opened read-only it is a source; with a
+//! pool or inline in the calling task ([`Qcow2Endpoint::inline_io`]; its reads are positional
+//! and it is shared by all requests), and extents from the image's tables instead of the
+//! file's holes. Opened read-only it is a source; with a
 //! persistent dirty bitmap selected, it also reports what changed since the bitmap was added,
 //! for incremental copies. Opened read-write ([`Qcow2Endpoint::open_rw`]) it also takes
 //! writes and zeroes into its guest view, and a flush makes them durable.
