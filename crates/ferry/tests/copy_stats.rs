@@ -139,12 +139,18 @@ fn progress_json_lines_have_phase_rate_and_eta() {
         }
         assert_eq!(v["size"], 16 * MIB, "{v}");
     }
-    // The last line written while copying. (A periodic line that falls on the very end of
-    // the copy already says "done", so it is not always the one before the final line.)
+    // The last line written part-way through the copy. (A periodic line can fall on the very
+    // end of the copy, saying "copy" at 100 % or already "done", so it is not always the one
+    // before the final line.)
     let middle = lines
         .iter()
         .rev()
-        .find(|v| v["phase"] == "copy" && v["transferred"].as_u64() > Some(0))
+        .find(|v| {
+            v["phase"] == "copy"
+                && v["transferred"]
+                    .as_u64()
+                    .is_some_and(|t| t > 0 && t < 16 * MIB)
+        })
         .unwrap_or_else(|| panic!("no line written while copying: {stderr}"));
     assert_eq!(middle["phase"], "copy", "{stderr}");
     let (done, rate) = (
