@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use bitmap::Bitmap;
 pub use error::{ErrorKind, Qcow2Error, Result};
 pub use header::Compression;
-pub use storage::Storage;
+pub use storage::{MemoryStorage, Storage};
 pub use writer::{
     SeekableWriter, StreamPlan, StreamWriter, WriteOptions, write_from_raw, write_from_raw_seekable,
 };

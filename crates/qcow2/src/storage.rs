@@ -143,3 +143,80 @@ fn slice_read_at(data: &[u8], buf: &mut [u8], offset: u64) -> io::Result<usize> 
     buf[..n].copy_from_slice(&data[start..start + n]);
     Ok(n)
 }
+
+/// A writable image held in memory, bounded: a write that would grow it past `limit` bytes
+/// fails instead of allocating (a corrupt table can name any offset). For tests and fuzzing.
+pub struct MemoryStorage {
+    data: std::sync::RwLock<Vec<u8>>,
+    limit: u64,
+}
+
+impl MemoryStorage {
+    pub fn new(data: Vec<u8>, limit: u64) -> MemoryStorage {
+        MemoryStorage {
+            data: std::sync::RwLock::new(data),
+            limit,
+        }
+    }
+
+    /// A copy of the bytes as they are now.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        slice_read_at(
+            &self.data.read().unwrap_or_else(|e| e.into_inner()),
+            buf,
+            offset,
+        )
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= self.limit)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("write past the in-memory image's {}-byte limit", self.limit),
+                )
+            })?;
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let (start, end) = (offset as usize, end as usize);
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+/// Shared storage, so a caller can keep a handle to what an image writes.
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64, bool)>>> {
+        (**self).allocation(offset, len)
+    }
+}

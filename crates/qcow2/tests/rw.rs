@@ -583,3 +583,60 @@ fn one_writer_at_a_time() {
     drop(first);
     Image::open_rw(&image, &OpenOptions::default()).unwrap();
 }
+
+/// The in-memory storage the write fuzz target uses: writes and zeroes land, the image it
+/// holds passes `qemu-img check`, and a write that would grow it past its limit is an error
+/// (the image still consistent), never an allocation that follows a table's word.
+#[test]
+fn images_in_bounded_memory() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("mem.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        p(&image),
+        "8M",
+    ]);
+    populate(&image, 4096, true);
+    let bytes = std::fs::read(&image).unwrap();
+    let start = bytes.len() as u64;
+    // Room for a few new clusters and their tables, not for 8 MiB of new data.
+    let storage = Arc::new(qcow2::MemoryStorage::new(bytes, start + (256 << 10)));
+    let img = Image::from_storage_rw(
+        Box::new(storage.clone()),
+        p(&image),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let mut mirror = qemu_raw(&image, dir.path());
+    let small: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    img.write_at(&small, 5 << 20).unwrap();
+    mirror[5 << 20..(5 << 20) + small.len()].copy_from_slice(&small);
+    img.zero(1 << 20, 64 << 10, false).unwrap();
+    mirror[1 << 20..(1 << 20) + (64 << 10)].fill(0);
+    img.flush().unwrap();
+    // 2 MiB of new clusters past the ranges checked below: more than the room left.
+    let big = vec![0x77u8; 2 << 20];
+    let err = img.write_at(&big, 6 << 20).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    img.flush().unwrap();
+    drop(img);
+    let written = storage.snapshot();
+    assert!(written.len() as u64 <= start + (256 << 10));
+    std::fs::write(&image, &written).unwrap();
+    check_clean(&image);
+    let again = qemu_raw(&image, dir.path());
+    assert_eq!(
+        again[5 << 20..(5 << 20) + small.len()],
+        mirror[5 << 20..(5 << 20) + small.len()]
+    );
+    assert!(
+        again[1 << 20..(1 << 20) + (64 << 10)]
+            .iter()
+            .all(|&b| b == 0)
+    );
+}
