@@ -22,8 +22,8 @@ fuzz_target!(|data: &[u8]| {
         follow_backing: false,
         l2_cache_bytes: 1 << 20,
     };
-    // The last 8 bytes choose where the writes go; they are part of the image too, which
-    // is harmless (qcow2 metadata sits at the front of a small image).
+    // The last 8 bytes choose where the writes go and, two bits each, what they are. They
+    // are part of the image too, which is harmless (its metadata sits at the front).
     let pick = data
         .len()
         .checked_sub(8)
@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     ];
     for (i, &start) in places.iter().enumerate() {
         let len = (buf.len() as u64).min(size - start) as usize;
-        let _ = match (pick >> (40 + i)) & 3 {
+        let _ = match (pick >> (40 + 2 * i)) & 3 {
             0 => img.zero(start, len as u64, false),
             1 => img.zero(start, len as u64, true),
             _ => img.write_at(&buf[..len], start),
