@@ -52,15 +52,20 @@ struct Inner {
     local_fs: bool,
     /// Write-behind of a buffered destination file (see [`crate::write_behind`]).
     write_behind: Option<crate::write_behind::WriteBehind>,
+    /// Buffered writes to a regular file take the inode lock in the kernel, and a writer that
+    /// finds it held spins there while the holder copies (perf: 12 % of a file copy's CPU in
+    /// rwsem_spin_on_owner with two writers). Taking this lock first makes the second writer
+    /// sleep instead. Not for block devices, which the kernel writes without that lock.
+    write_lock: Option<std::sync::Mutex<()>>,
 }
 
 pub struct FileEndpoint {
     inner: Arc<Inner>,
     identity: String,
     caps: Caps,
-    /// Buffered writes to one file serialise on the inode lock in the kernel, and more than a
-    /// few at once only spin there. Two (several with O_DIRECT): while one copies into the page
-    /// cache, the next waits at the lock rather than behind a pipeline's turn.
+    /// Buffered writes to one file serialise on the inode lock in the kernel (and on
+    /// `Inner::write_lock` before it), so more than a few at once only wait. Two (several
+    /// with O_DIRECT): while one copies into the page cache, the next is ready behind it.
     write_gate: tokio::sync::Semaphore,
     /// Run the syscalls in the calling task instead of on the blocking pool.
     inline: bool,
@@ -217,6 +222,7 @@ impl FileEndpoint {
                 block_device,
                 disabled: AtomicU8::new(0),
                 write_behind: None,
+                write_lock: (!block_device).then(|| std::sync::Mutex::new(())),
             }),
             caps,
             write_gate: tokio::sync::Semaphore::new(if direct_writes { 8 } else { 2 }),
@@ -328,9 +334,11 @@ impl Inner {
         if self.direct.is_some() || len == 0 {
             return None;
         }
-        let mut buf = bufpool::get(len);
-        match nowait_read(&self.file, &mut buf[..len], offset) {
-            Ok(n) if n == len => Some(buf.freeze()),
+        // A page-aligned buffer: the kernel's copies into and out of the page cache run
+        // faster when source and destination are aligned alike (a file copy: 5 % less CPU).
+        let (mut buf, start) = direct::aligned_buf(len);
+        match nowait_read(&self.file, &mut buf[start..start + len], offset) {
+            Ok(n) if n == len => Some(buf.freeze().slice(start..start + len)),
             _ => None,
         }
     }
@@ -353,12 +361,9 @@ impl Inner {
     }
 
     fn read(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
-        // Over-allocate so an aligned window exists for O_DIRECT; the slice keeps it.
-        let (mut buf, start) = if self.direct.is_some() {
-            direct::aligned_buf(len)
-        } else {
-            (bufpool::get(len), 0)
-        };
+        // Over-allocate so an aligned window exists, for O_DIRECT and for the page-cache
+        // copies (see `read_cached`); the slice keeps it.
+        let (mut buf, start) = direct::aligned_buf(len);
         let window = &mut buf[start..start + len];
         let file = match &self.direct {
             Some(d) if direct::is_aligned(offset, len, window.as_ptr()) => d,
@@ -388,7 +393,13 @@ impl Inner {
                 d.write_all_at(&buf[start..start + data.len()], offset)
             }
             _ => {
-                self.file.write_all_at(data, offset)?;
+                {
+                    let _one = self
+                        .write_lock
+                        .as_ref()
+                        .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
+                    self.file.write_all_at(data, offset)?;
+                }
                 if let Some(wb) = &self.write_behind {
                     wb.written(offset, data.len() as u64);
                 }
