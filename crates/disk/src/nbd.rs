@@ -132,6 +132,17 @@ impl NbdEndpoint {
         DiskError::from_nbd(&self.name, op, e).at(offset, len)
     }
 
+    /// Writes `parts` back to back from `offset` as one write, without copying them together
+    /// (retried like [`Endpoint::write`]).
+    pub async fn write_parts(&self, offset: u64, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        let len = parts.iter().map(|p| p.len() as u64).sum();
+        self.retrying(Op::Write, offset, len, move |c| {
+            let parts = parts.clone();
+            async move { c.write_parts(offset, parts, false).await }
+        })
+        .await
+    }
+
     /// Runs `request` on the current connections, again while its failure is retryable and
     /// the retry policy allows; connections that broke are made again first.
     async fn retrying<T, F, Fut>(

@@ -9,6 +9,7 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 pub mod uri;
+mod vectored;
 
 pub use client::{Client, ClientSettings, ConnectOptions, Connection, Negotiated, Reply};
 pub use error::{Error, Result};

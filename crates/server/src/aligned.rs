@@ -41,6 +41,31 @@ impl Backend {
         Ok(())
     }
 
+    /// Writes `parts` back to back from `offset`, as [`Backend::write`] would their
+    /// concatenation: an NBD export gets them as one request without a copy.
+    pub async fn write_parts(&self, offset: u64, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        let n: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        match (&self.nbd, parts.len()) {
+            (_, 0) => {}
+            (_, 1) => {
+                self.write_any(offset, parts.into_iter().next().expect("one"))
+                    .await?
+            }
+            (Some(nbd), _) if !self.unaligned(offset, n) => nbd.write_parts(offset, parts).await?,
+            _ => {
+                let mut joined = bufpool::get(n as usize);
+                let mut at = 0;
+                for p in &parts {
+                    joined[at..at + p.len()].copy_from_slice(p);
+                    at += p.len();
+                }
+                self.write_any(offset, joined.freeze()).await?
+            }
+        }
+        self.traffic.written(n);
+        Ok(())
+    }
+
     /// Zeroes [offset, offset+len), whatever the backend's alignment; counted once done.
     pub async fn zero(&self, offset: u64, len: u64, allocate: bool) -> Result<(), DiskError> {
         self.zero_any(offset, len, allocate).await?;

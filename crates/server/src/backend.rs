@@ -29,7 +29,7 @@ pub use imageio::wire::{DirtyExtent, ZeroExtent as ImageExtent};
 
 pub struct Backend {
     pub ep: Arc<dyn Endpoint>,
-    nbd: Option<Arc<NbdEndpoint>>,
+    pub(crate) nbd: Option<Arc<NbdEndpoint>>,
     /// Bytes the backend holds.
     pub size: u64,
     pub max_readers: u64,

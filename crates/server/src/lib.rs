@@ -30,6 +30,7 @@ pub mod conn;
 pub mod control;
 pub mod data;
 mod encoding;
+mod gather;
 pub mod metrics;
 pub mod nbd_export;
 pub mod range;

@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::conn::ConnCtx;
 use crate::data::DataApi;
 use crate::encoding::{self, BodyFail, Encoding};
+use crate::gather::Gathered;
 use crate::request::{query_pairs, read_small_body, yes_no};
 use crate::respond::{Body, HttpError, empty};
 use crate::ticket::Access;
@@ -29,11 +30,14 @@ use imageio::wire::ContentRange;
 /// backend request long enough to hit storage timeouts (iSCSI/LIO).
 const ZERO_STEP: u64 = 128 << 20;
 
-/// Body frames at least this large are written as received (NBD backends without alignment
-/// needs); smaller ones are gathered into chunk buffers so requests do not get tiny.
-const ZERO_COPY_MIN: usize = 128 << 10;
 /// Backend writes in flight per upload at most, however small.
 const MAX_WRITES: usize = 64;
+/// Most body frames one backend request gathers; past this many (tiny frames), the request
+/// goes out early, at an aligned offset.
+const MAX_PARTS: usize = 256;
+/// Gathered requests that go out early end on a multiple of this, so O_DIRECT storage behind
+/// the export is never written partial blocks.
+const EARLY_CUT_ALIGN: u64 = 4096;
 
 /// Zero detection in uploaded data works on aligned blocks of this size.
 const ZERO_DETECT_BLOCK: usize = 64 << 10;
@@ -140,14 +144,17 @@ pub(crate) async fn put(
     let chunk = api.tuning.chunk.min(backend.max_request()).max(1);
     // Bytes received but not yet written, whatever their requests' sizes.
     let mut in_flight: u64 = 0;
-    // Only NBD takes any offset and length as well as aligned ones; a file opened with
-    // O_DIRECT would send unaligned frames through its page cache.
+    // Only NBD takes writes of parts without a copy; a file gets them copied into chunk
+    // buffers. Exports with a minimum block size keep the chunk buffers too: their unaligned
+    // edges are read-modify-write cycles (crate::aligned), done on whole chunks.
     let zero_copy = backend.is_nbd() && backend.min_block() == 1;
     let depth = api.tuning.depth.max(1);
     let mut writes: FuturesUnordered<WriteFut> = FuturesUnordered::new();
-    // The buffer being filled: its absolute offset, the buffer, and bytes in it.
+    // The buffer being filled: its absolute offset, the buffer, and bytes in it; or, without
+    // a copy, the frames gathered for the next request.
     let mut pos = offset;
     let mut buf: Option<ChunkBuf> = None;
+    let mut gathered = Gathered::new(offset);
     let mut received: u64 = 0;
     let mut failure: Option<HttpError> = None;
     let mut body_done = false;
@@ -170,6 +177,24 @@ pub(crate) async fn put(
         ZERO_DETECT_BLOCK
     } else {
         0
+    };
+    // Gathered frames go out in requests cut at chunk-aligned offsets, their zero blocks
+    // found across the frames' edges.
+    let submit_gathered = |writes: &mut FuturesUnordered<WriteFut>, run: Gathered| {
+        for piece in run.pieces(detect as u64) {
+            let backend = backend.clone();
+            let (at, n) = (piece.at, piece.len);
+            if piece.zero {
+                writes.push(Box::pin(async move {
+                    backend.zero(at, n, allocate).await.map(|()| (at, n))
+                }));
+            } else {
+                let parts = run.slice(at, n);
+                writes.push(Box::pin(async move {
+                    backend.write_parts(at, parts).await.map(|()| (at, n))
+                }));
+            }
+        }
     };
     let submit = |writes: &mut FuturesUnordered<WriteFut>, at: u64, data: Bytes| {
         for piece in disk::sparse::split(&data, at, detect) {
@@ -242,6 +267,8 @@ pub(crate) async fn put(
                             let at = b.at;
                             submit(&mut writes, at, b.freeze());
                         }
+                        let rest = gathered.split_to(u64::MAX);
+                        submit_gathered(&mut writes, rest);
                         continue;
                     }
                     Ok(Some(Err(BodyFail::Decode(message)))) => {
@@ -251,6 +278,9 @@ pub(crate) async fn put(
                             budget.release(b.size as u64);
                             in_flight -= b.filled as u64;
                         }
+                        let dropped = gathered.split_to(u64::MAX);
+                        budget.release(dropped.len);
+                        in_flight -= dropped.len;
                         failure = Some(HttpError::bad_request(message).closing());
                         body_done = true;
                         continue;
@@ -263,6 +293,8 @@ pub(crate) async fn put(
                             let at = b.at;
                             submit(&mut writes, at, b.freeze());
                         }
+                        let rest = gathered.split_to(u64::MAX);
+                        submit_gathered(&mut writes, rest);
                         let expected = content_length.map_or("?".to_string(), |l| l.to_string());
                         failure = Some(HttpError::bad_request(format!(
                             "Requested {expected} bytes, available {received} bytes ({e})"
@@ -296,17 +328,27 @@ pub(crate) async fn put(
                     continue;
                 }
                 in_flight += data.len() as u64;
-                // Large frames go to a byte-addressable backend as they are: copying them into
-                // a chunk buffer would cost a pass over every byte uploaded.
-                if zero_copy && data.len() >= ZERO_COPY_MIN {
-                    if let Some(b) = buf.take() {
-                        // Its unfilled room was paid for and is not needed any more.
-                        budget.release(b.unfilled());
-                        let at = b.at;
-                        submit(&mut writes, at, b.freeze());
-                    }
-                    submit(&mut writes, pos, data);
+                // Frames for an NBD backend are kept as they are, not copied into a chunk
+                // buffer (a pass over every byte uploaded): each full chunk goes out as one
+                // request carrying the pieces of the frames it spans.
+                if zero_copy {
+                    gathered.push(data);
                     pos += n;
+                    loop {
+                        let boundary = (gathered.at / chunk + 1) * chunk;
+                        let cut = if gathered.end() >= boundary {
+                            boundary
+                        } else if gathered.parts.len() >= MAX_PARTS {
+                            gathered.end() / EARLY_CUT_ALIGN * EARLY_CUT_ALIGN
+                        } else {
+                            break;
+                        };
+                        if cut <= gathered.at {
+                            break;
+                        }
+                        let run = gathered.split_to(cut);
+                        submit_gathered(&mut writes, run);
+                    }
                     throttle = Some(throttle_for(n));
                     continue;
                 }

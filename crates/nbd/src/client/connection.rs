@@ -174,7 +174,8 @@ enum Outgoing {
     Request {
         header: [u8; EXTENDED_REQUEST_LEN],
         header_len: usize,
-        payload: Option<Bytes>,
+        /// The request's data, in pieces sent back to back (empty: none).
+        payload: Vec<Bytes>,
     },
     /// Send NBD_CMD_DISC and close; the sender, if any, learns when that is done.
     Disconnect(Option<oneshot::Sender<()>>),
@@ -300,6 +301,33 @@ impl Connection {
         length: u64,
         payload: Option<Bytes>,
     ) -> Result<PendingReply> {
+        self.submit_parts(
+            command,
+            flags,
+            offset,
+            length,
+            payload.into_iter().collect(),
+        )
+        .await
+    }
+
+    /// [`Connection::submit`] with the payload in pieces, sent one after another without being
+    /// copied together; their lengths must add up to `length`.
+    pub async fn submit_parts(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Vec<Bytes>,
+    ) -> Result<PendingReply> {
+        let carried: usize = payload.iter().map(Bytes::len).sum();
+        if !payload.is_empty() && carried as u64 != length {
+            return Err(Error::InvalidArgument(format!(
+                "{} of {length} bytes carries {carried} bytes of data",
+                command_name(command)
+            )));
+        }
         let inner = &self.inner;
         let slot = inner
             .slots
@@ -419,9 +447,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     header_len,
                     payload,
                 } => {
-                    io_timeout(timeout, wr.write_all(&header[..header_len])).await?;
-                    if let Some(payload) = payload {
-                        io_timeout(timeout, wr.write_all(&payload)).await?;
+                    if payload.is_empty() {
+                        io_timeout(timeout, wr.write_all(&header[..header_len])).await?;
+                    } else {
+                        // The header goes out in the same writev as its data.
+                        let mut pieces = Vec::with_capacity(payload.len() + 1);
+                        pieces.push(Bytes::copy_from_slice(&header[..header_len]));
+                        pieces.extend(payload);
+                        io_timeout(
+                            timeout,
+                            crate::vectored::write_all_vectored(&mut wr, &mut pieces),
+                        )
+                        .await?;
                     }
                     None
                 }

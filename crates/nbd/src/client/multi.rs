@@ -219,17 +219,37 @@ impl Client {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_parts(offset, vec![data], fua).await
+    }
+
+    /// Writes `parts`, back to back from `offset`, as if they were one buffer: each request
+    /// carries the pieces of them it covers, sent without copying them together.
+    pub async fn write_parts(&self, offset: u64, parts: Vec<Bytes>, fua: bool) -> Result<()> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         self.check_writable("write")?;
-        self.check_range("write", offset, data.len() as u64, true)?;
+        self.check_range("write", offset, total, true)?;
         let flags = self.fua_flag(fua)?;
         let max = self.max_payload();
+        let mut parts = parts.into_iter().filter(|p| !p.is_empty());
+        let mut current: Option<Bytes> = None;
         let mut pending = Vec::new();
-        for (off, len) in pieces(offset, data.len() as u64, max) {
-            let start = (off - offset) as usize;
-            let piece = data.slice(start..start + len as usize);
+        for (off, len) in pieces(offset, total, max) {
+            let mut payload = Vec::new();
+            let mut need = len as usize;
+            while need > 0 {
+                let mut part = match current.take() {
+                    Some(p) => p,
+                    None => parts.next().expect("the parts add up to the total"),
+                };
+                if part.len() > need {
+                    current = Some(part.split_off(need));
+                }
+                need -= part.len();
+                payload.push(part);
+            }
             pending.push(
                 self.pick()
-                    .submit(CMD_WRITE, flags, off, len, Some(piece))
+                    .submit_parts(CMD_WRITE, flags, off, len, payload)
                     .await?,
             );
         }

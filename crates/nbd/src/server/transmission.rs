@@ -177,48 +177,17 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
             pieces.extend(frame);
             permits.push(held);
         }
-        timed(tokio::time::timeout(stall, write_all_vectored(&mut wr, &mut pieces)).await)?;
+        timed(
+            tokio::time::timeout(
+                stall,
+                crate::vectored::write_all_vectored(&mut wr, &mut pieces),
+            )
+            .await,
+        )?;
         timed(tokio::time::timeout(stall, wr.flush()).await)?;
         permits.clear();
     }
     wr.shutdown().await
-}
-
-/// Writes every piece in order, as few syscalls as the stream allows; empties `pieces`.
-async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
-    wr: &mut W,
-    pieces: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    // Linux takes at most 1024 slices per writev.
-    const MAX_SLICES: usize = 64;
-    let mut first = 0;
-    while first < pieces.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = pieces[first..]
-            .iter()
-            .take(MAX_SLICES)
-            .map(|b| std::io::IoSlice::new(b))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        drop(slices);
-        while n > 0 {
-            let len = pieces[first].len();
-            if n >= len {
-                n -= len;
-                first += 1;
-            } else {
-                let _ = pieces[first].split_to(n);
-                n = 0;
-            }
-        }
-        while first < pieces.len() && pieces[first].is_empty() {
-            first += 1;
-        }
-    }
-    pieces.clear();
-    Ok(())
 }
 
 /// Checks a request against the export; the error to send if it is not acceptable.
@@ -585,7 +554,9 @@ mod tests {
             step: 10,
             calls: 0,
         };
-        write_all_vectored(&mut wr, &mut pieces).await.unwrap();
+        crate::vectored::write_all_vectored(&mut wr, &mut pieces)
+            .await
+            .unwrap();
         assert_eq!(wr.out, want);
         assert!(pieces.is_empty());
         // Each call but the last was filled: the slices were gathered, not written one by one.
