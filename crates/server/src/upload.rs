@@ -1,8 +1,10 @@
 //! The write side of the data API: PUT (streamed upload) and PATCH (`zero`, `flush`).
 //!
 //! A PUT body is never held whole: bytes from the socket fill pooled buffers of at most
-//! `chunk` bytes (cut at chunk-aligned offsets), each full buffer becomes one backend write,
-//! and at most `depth` writes are in flight, so reading the socket and writing the backend
+//! `chunk` bytes (cut at chunk-aligned offsets), each full buffer becomes one backend write
+//! (for NBD, the body's frames are gathered as they came into the same chunk-aligned
+//! requests, without a copy: [`crate::gather`]), and at most `depth` writes are in
+//! flight, so reading the socket and writing the backend
 //! overlap while memory stays bounded. Cancellation stops reading at once, but writes already
 //! issued are always awaited: when the ticket's DELETE returns, nothing more reaches the disk.
 
