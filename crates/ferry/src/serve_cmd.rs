@@ -168,6 +168,9 @@ fn plan(args: ServeArgs) -> Result<(ServerConfig, server::store::Limits, Start),
     if let Some(d) = file.queue_depth {
         cfg.tuning.depth = d;
     }
+    if let Some(w) = file.nbd_write_size {
+        cfg.tuning.nbd_write = w;
+    }
     if let Some(m) = &file.buffer_memory {
         cfg.tuning.memory = m.bytes().map_err(usage)?;
     }
@@ -269,6 +272,7 @@ fn check_config(
         "drain_timeout": start.drain_timeout.as_secs_f64(),
         "buffer_size": cfg.tuning.chunk,
         "queue_depth": cfg.tuning.depth,
+        "nbd_write_size": cfg.tuning.nbd_write,
         "buffer_memory": cfg.tuning.memory,
         "bwlimit": limits.global.rate(),
         "ticket_bwlimit": limits.per_ticket(),

@@ -15,6 +15,7 @@
 //! reap_grace = 600        # seconds after expiry before a ticket is removed
 //! buffer_size = 4194304   # bytes per backend request
 //! queue_depth = 4         # backend requests in flight per HTTP request
+//! nbd_write_size = 262144 # bytes per upload write to an NBD backend (at most buffer_size)
 //! buffer_memory = "512M"  # image data all transfers together may hold in buffers
 //! bwlimit = "1G"          # bytes per second for all transfers together, in equal shares
 //! ticket_bwlimit = "100M" # bytes per second for each ticket without its own "bwlimit"
@@ -45,6 +46,7 @@ pub struct FileConfig {
     pub reap_interval: Option<f64>,
     pub buffer_size: Option<u64>,
     pub queue_depth: Option<usize>,
+    pub nbd_write_size: Option<u64>,
     pub buffer_memory: Option<Rate>,
     pub bwlimit: Option<Rate>,
     pub ticket_bwlimit: Option<Rate>,
@@ -111,6 +113,12 @@ impl FileConfig {
         {
             return Err("buffer_size: expecting 4096 to 67108864 bytes".into());
         }
+        if cfg
+            .nbd_write_size
+            .is_some_and(|b| !(4096..=(64 << 20)).contains(&b))
+        {
+            return Err("nbd_write_size: expecting 4096 to 67108864 bytes".into());
+        }
         for (name, rate) in [
             ("bwlimit", &cfg.bwlimit),
             ("ticket_bwlimit", &cfg.ticket_bwlimit),
@@ -149,6 +157,11 @@ mod tests {
         assert!(FileConfig::parse("lisen = 1").is_err());
         assert!(FileConfig::parse("auth_timeout = -1").is_err());
         assert!(FileConfig::parse("queue_depth = 0").is_err());
+        assert!(FileConfig::parse("nbd_write_size = 1024").is_err());
+        assert_eq!(
+            FileConfig::parse("nbd_write_size = 65536").unwrap().nbd_write_size,
+            Some(65536)
+        );
         let c = FileConfig::parse("bwlimit = \"1G\"\nticket_bwlimit = 1048576\n").unwrap();
         assert_eq!(c.bwlimit.unwrap().bytes(), Ok(1 << 30));
         assert_eq!(c.ticket_bwlimit.unwrap().bytes(), Ok(1 << 20));

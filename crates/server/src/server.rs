@@ -467,6 +467,10 @@ impl Server {
             ("reap_interval", old.reap_interval != cfg.reap_interval),
             ("buffer_size", old.tuning.chunk != cfg.tuning.chunk),
             ("queue_depth", old.tuning.depth != cfg.tuning.depth),
+            (
+                "nbd_write_size",
+                old.tuning.nbd_write != cfg.tuning.nbd_write,
+            ),
             ("buffer_memory", old.tuning.memory != cfg.tuning.memory),
         ] {
             if changed {
