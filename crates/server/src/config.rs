@@ -159,7 +159,9 @@ mod tests {
         assert!(FileConfig::parse("queue_depth = 0").is_err());
         assert!(FileConfig::parse("nbd_write_size = 1024").is_err());
         assert_eq!(
-            FileConfig::parse("nbd_write_size = 65536").unwrap().nbd_write_size,
+            FileConfig::parse("nbd_write_size = 65536")
+                .unwrap()
+                .nbd_write_size,
             Some(65536)
         );
         let c = FileConfig::parse("bwlimit = \"1G\"\nticket_bwlimit = 1048576\n").unwrap();

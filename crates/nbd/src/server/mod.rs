@@ -103,7 +103,7 @@ impl ServerCert {
 
     /// A TLS 1.2+ server configuration serving this certificate.
     pub fn config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| crate::Error::Tls(e.to_string()))?
@@ -143,7 +143,7 @@ fn certified_key(
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| tls(format!("reading key {}: {e}", key.display())))?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
         .map_err(|e| tls(format!("certificate and key: {e}")))
 }
