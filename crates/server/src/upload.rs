@@ -153,11 +153,7 @@ pub(crate) async fn put(
     let depth = api.tuning.depth.max(1);
     // Gathered requests to NBD are cut at multiples of this; the bytes in flight stay
     // `depth * chunk` (MAX_WRITES bounds the count).
-    let write_size = if zero_copy {
-        chunk.min(api.tuning.nbd_write).max(EARLY_CUT_ALIGN)
-    } else {
-        chunk
-    };
+    let nbd_write = chunk.min(api.tuning.nbd_write).max(EARLY_CUT_ALIGN);
     let mut writes: FuturesUnordered<WriteFut> = FuturesUnordered::new();
     // The buffer being filled: its absolute offset, the buffer, and bytes in it; or, without
     // a copy, the frames gathered for the next request.
@@ -344,7 +340,7 @@ pub(crate) async fn put(
                     gathered.push(data);
                     pos += n;
                     loop {
-                        let boundary = (gathered.at / write_size + 1) * write_size;
+                        let boundary = (gathered.at / nbd_write + 1) * nbd_write;
                         let cut = if gathered.end() >= boundary {
                             boundary
                         } else if gathered.parts.len() >= MAX_PARTS {
