@@ -24,8 +24,9 @@ pub struct Settings {
     pub connections: usize,
     /// CPUs the copy may keep busy (0: all of them); pipelines beyond it only add memory.
     pub threads: usize,
-    /// Bytes in flight per pipeline.
-    pub queue_bytes: u64,
+    /// Bytes in flight per pipeline (else the endpoints' preference, else
+    /// [`DEFAULT_QUEUE_BYTES`]).
+    pub queue_bytes: Option<u64>,
     /// Zero-detection block size of data read (0: off).
     pub sparse: u64,
     pub allocated: bool,
@@ -68,7 +69,7 @@ impl Default for Settings {
             requests: 64,
             connections: 4,
             threads: 0,
-            queue_bytes: 16 << 20,
+            queue_bytes: None,
             sparse: 4096,
             allocated: false,
             destination_is_zero: false,
@@ -83,6 +84,10 @@ impl Default for Settings {
         }
     }
 }
+
+/// Bytes in flight per pipeline where neither the user nor an endpoint chooses: nbdcopy's
+/// `--queue-size`.
+pub const DEFAULT_QUEUE_BYTES: u64 = 16 << 20;
 
 /// The largest request any endpoint is asked to take.
 const MAX_REQUEST: u64 = 32 << 20;
@@ -126,7 +131,11 @@ impl CopyOptions {
             dst_request,
             requests: if s.synchronous { 1 } else { s.requests.max(1) },
             workers,
-            queue_bytes: s.queue_bytes.max(src_request),
+            queue_bytes: s
+                .queue_bytes
+                .or_else(|| src.queue_bytes.into_iter().chain(dst.queue_bytes).min())
+                .unwrap_or(DEFAULT_QUEUE_BYTES)
+                .max(src_request),
             sparse: if s.sparse == 0 {
                 0
             } else {
@@ -296,6 +305,34 @@ mod tests {
             "capped by the destination's maximum"
         );
         assert!(o.queue_bytes >= o.src_request);
+    }
+
+    #[test]
+    fn queue_follows_the_user_then_the_smaller_endpoint_preference_then_nbdcopy() {
+        let src = nbd_like(1 << 30);
+        let mut dst = nbd_like(1 << 30);
+        let o = CopyOptions::resolve(&src, &dst, &Settings::default());
+        assert_eq!(o.queue_bytes, DEFAULT_QUEUE_BYTES);
+        dst.queue_bytes = Some(2 << 20);
+        let o = CopyOptions::resolve(&src, &dst, &Settings::default());
+        assert_eq!(o.queue_bytes, 2 << 20, "the destination's preference");
+        let mut small_src = src.clone();
+        small_src.queue_bytes = Some(1 << 20);
+        let o = CopyOptions::resolve(&small_src, &dst, &Settings::default());
+        assert_eq!(o.queue_bytes, 1 << 20, "the smaller of the two");
+        let user = Settings {
+            queue_bytes: Some(32 << 20),
+            ..Settings::default()
+        };
+        let o = CopyOptions::resolve(&src, &dst, &user);
+        assert_eq!(o.queue_bytes, 32 << 20, "the user's choice wins");
+        let tiny = Settings {
+            queue_bytes: Some(4096),
+            src_request: Some(1 << 20),
+            ..Settings::default()
+        };
+        let o = CopyOptions::resolve(&src, &dst, &tiny);
+        assert_eq!(o.queue_bytes, 1 << 20, "never below one read");
     }
 
     #[test]

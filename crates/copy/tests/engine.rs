@@ -93,7 +93,7 @@ fn scene_strategy() -> impl Strategy<Value = Scene> {
                     requests,
                     connections,
                     threads: connections,
-                    queue_bytes: queue,
+                    queue_bytes: Some(queue),
                     sparse,
                     allocated,
                     ..Settings::default()

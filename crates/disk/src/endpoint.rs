@@ -53,6 +53,9 @@ pub struct Caps {
     /// Requests worth keeping in flight on this endpoint per pipeline: deep for network
     /// endpoints (latency), shallow for local files, where more only costs memory.
     pub queue_depth: usize,
+    /// Bytes worth holding per pipeline for this endpoint when the user does not choose
+    /// (`--queue-size`); the smaller of the two endpoints' wins, `None` takes the copy's default.
+    pub queue_bytes: Option<u64>,
     /// The whole endpoint is known to read as zeroes (a fresh or truncated file, `null:`).
     pub known_zero: bool,
     /// Changed ranges since a checkpoint are known ([`Endpoint::dirty`]): an NBD dirty bitmap,
@@ -78,6 +81,7 @@ impl Caps {
             max_request: 32 << 20,
             default_request: 256 << 10,
             queue_depth: 64,
+            queue_bytes: None,
             known_zero: false,
             dirty: false,
         }

@@ -103,6 +103,7 @@ impl NbdEndpoint {
             max_request: max,
             default_request: DEFAULT_NBD_REQUEST.clamp(min, max),
             queue_depth: 64,
+            queue_bytes: None,
             known_zero: false,
             dirty: dirty_context(&client).is_some(),
         };

@@ -46,9 +46,9 @@ pub struct CopyArgs {
     /// Worker threads (0: one per CPU).
     #[arg(short = 'T', long, value_name = "N", default_value_t = 0)]
     pub threads: u64,
-    /// Maximum bytes in flight per pipeline.
-    #[arg(long, value_name = "N", default_value = "16M", value_parser = parse_size)]
-    pub queue_size: u64,
+    /// Maximum bytes in flight per pipeline [default: 16M; 2M to or from HTTP].
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub queue_size: Option<u64>,
     /// Zero-detection block size for data read (0 turns it off; else a power of 2 >= 512).
     #[arg(short = 'S', long, value_name = "N", default_value = "4096", value_parser = parse_size)]
     pub sparse: u64,

@@ -416,6 +416,10 @@ impl HttpEndpoint {
         // zeroes in 64 KiB blocks (shorter zero gaps inside a run travel as data anyway).
         caps.preferred_block = 64 << 10;
         caps.queue_depth = 64;
+        // A PUT streams what it is given and the socket buffers hold what is on the wire, so a
+        // deep read-ahead only makes a fresh process fault in memory: 2 MiB per connection
+        // against nbdcopy's 16 MiB was 0.62 s against 0.70 s for a 1 GiB upload over TLS.
+        caps.queue_bytes = Some(2 << 20);
         caps.connections = Some(shared.pool.size());
         caps.dirty = info.imageio && dirty;
         HttpEndpoint {
